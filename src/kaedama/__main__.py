@@ -1,0 +1,5 @@
+import sys
+
+from kaedama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI stage modules: each exposes ``HELP``, ``configure(parser)`` and ``run(args) -> int``."""
