@@ -40,9 +40,10 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert ``value`` (from YAML or a string) to the field type ``tp``."""
     tp, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional or value is None:
-            return None
+    if value is None or (
+        optional and isinstance(value, str) and value.lower() in ("", "none", "null")
+    ):
+        return None
     origin = typing.get_origin(tp)
     try:
         if origin is typing.Literal:
@@ -72,7 +73,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from exc
+        raise ConfigError(
+            f"{name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}"
+        ) from exc
     return value
 
 

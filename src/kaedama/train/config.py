@@ -6,68 +6,119 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs besides the manifest and the output URI."""
 
     # Model
     model: str = field(default="resnet18", metadata={"help": "any timm model name"})
-    pretrained: bool = field(default=False, metadata={"help": "load pretrained weights (hub or --pretrained-path)"})
-    pretrained_path: str = field(default="", metadata={"help": "local/gs:// file with pretrained weights (offline)"})
-    img_size: int = field(default=0, metadata={"help": "input size; 0 = the model's own data config"})
-    freeze_until: str = field(default="", metadata={"help": "freeze parameters up to and including this module name prefix (e.g. layer3)"})
-    layer_decay: float = field(default=0.0, metadata={"help": "layer-wise LR decay factor in (0,1); 0 = off"})
+    pretrained: bool = field(
+        default=False, metadata={"help": "load pretrained weights (hub or --pretrained-path)"}
+    )
+    pretrained_path: str = field(
+        default="", metadata={"help": "local/gs:// file with pretrained weights (offline)"}
+    )
+    img_size: int = field(
+        default=0, metadata={"help": "input size; 0 = the model's own data config"}
+    )
+    freeze_until: str = field(
+        default="",
+        metadata={
+            "help": "freeze parameters up to and including this module name prefix (e.g. layer3)"
+        },
+    )
+    layer_decay: float = field(
+        default=0.0, metadata={"help": "layer-wise LR decay factor in (0,1); 0 = off"}
+    )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
     # Schedule and optimiser
     epochs: int = field(default=10, metadata={"help": "number of epochs"})
     batch_size: int = field(default=32, metadata={"help": "per-process batch size"})
-    optimizer: Literal["sgd", "adamw", "adabound"] = field(default="sgd", metadata={"help": "optimiser"})
+    optimizer: Literal["sgd", "adamw", "adabound"] = field(
+        default="sgd", metadata={"help": "optimiser"}
+    )
     lr: float = field(default=0.01, metadata={"help": "peak learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "SGD nesterov momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    final_lr: float = field(default=0.1, metadata={"help": "AdaBound final (SGD-like) learning rate"})
-    adabound_gamma: float = field(default=1e-3, metadata={"help": "AdaBound convergence speed of the bounds"})
-    scheduler: Literal["cosine", "step", "none"] = field(default="cosine", metadata={"help": "LR schedule after warmup"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warmup length in epochs (fractions allowed)"})
+    final_lr: float = field(
+        default=0.1, metadata={"help": "AdaBound final (SGD-like) learning rate"}
+    )
+    adabound_gamma: float = field(
+        default=1e-3, metadata={"help": "AdaBound convergence speed of the bounds"}
+    )
+    scheduler: Literal["cosine", "step", "none"] = field(
+        default="cosine", metadata={"help": "LR schedule after warmup"}
+    )
+    warmup_epochs: float = field(
+        default=1.0, metadata={"help": "linear warmup length in epochs (fractions allowed)"}
+    )
     warmup_lr: float = field(default=1e-5, metadata={"help": "LR at the start of warmup"})
     min_lr: float = field(default=1e-6, metadata={"help": "floor of the cosine schedule"})
-    milestones: tuple[int, ...] = field(default=(30, 60, 90), metadata={"help": "step schedule epochs"})
+    milestones: tuple[int, ...] = field(
+        default=(30, 60, 90), metadata={"help": "step schedule epochs"}
+    )
     step_gamma: float = field(default=0.1, metadata={"help": "step schedule factor"})
     clip_grad: float = field(default=0.0, metadata={"help": "clip gradient norm; 0 = off"})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights decay (e.g. 0.9998); 0 = off"})
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA of weights decay (e.g. 0.9998); 0 = off"}
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     # Augmentation (per-image)
     hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
     vflip: float = field(default=0.0, metadata={"help": "vertical flip probability"})
-    scale: tuple[float, ...] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"})
-    ratio: tuple[float, ...] = field(default=(0.75, 1.3333333), metadata={"help": "RandomResizedCrop aspect range"})
+    scale: tuple[float, ...] = field(
+        default=(0.08, 1.0), metadata={"help": "RandomResizedCrop area range"}
+    )
+    ratio: tuple[float, ...] = field(
+        default=(0.75, 1.3333333), metadata={"help": "RandomResizedCrop aspect range"}
+    )
     rotation: float = field(default=0.0, metadata={"help": "max rotation in degrees"})
-    color_jitter: float = field(default=0.4, metadata={"help": "brightness/contrast/saturation jitter"})
-    pca_noise: float = field(default=0.1, metadata={"help": "AlexNet-style PCA lighting noise std; 0 = off"})
+    color_jitter: float = field(
+        default=0.4, metadata={"help": "brightness/contrast/saturation jitter"}
+    )
+    pca_noise: float = field(
+        default=0.1, metadata={"help": "AlexNet-style PCA lighting noise std; 0 = off"}
+    )
     random_erasing: float = field(default=0.25, metadata={"help": "RandomErasing probability"})
     # Augmentation (batch-level); one method is drawn per batch by these probabilities
     mixup_alpha: float = field(default=0.2, metadata={"help": "mixup Beta(alpha, alpha)"})
     mixup_prob: float = field(default=0.0, metadata={"help": "probability a batch uses mixup"})
     cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix Beta(alpha, alpha)"})
     cutmix_prob: float = field(default=0.0, metadata={"help": "probability a batch uses CutMix"})
-    ricap_beta: float = field(default=0.3, metadata={"help": "RICAP Beta(beta, beta) for the crossing point"})
+    ricap_beta: float = field(
+        default=0.3, metadata={"help": "RICAP Beta(beta, beta) for the crossing point"}
+    )
     ricap_prob: float = field(default=0.0, metadata={"help": "probability a batch uses RICAP"})
-    icap_beta: float = field(default=0.3, metadata={"help": "ICAP Beta(beta, beta) for the crossing point"})
+    icap_beta: float = field(
+        default=0.3, metadata={"help": "ICAP Beta(beta, beta) for the crossing point"}
+    )
     icap_prob: float = field(default=0.0, metadata={"help": "probability a batch uses ICAP"})
     # Data
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
-    balance: Literal["none", "oversample", "weighted"] = field(default="none", metadata={"help": "class balancing"})
-    max_pixels: int = field(default=64_000_000, metadata={"help": "refuse images larger than this (decompression bombs)"})
+    balance: Literal["none", "oversample", "weighted"] = field(
+        default="none", metadata={"help": "class balancing"}
+    )
+    max_pixels: int = field(
+        default=64_000_000,
+        metadata={"help": "refuse images larger than this (decompression bombs)"},
+    )
     # Speed
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    amp: Literal["auto", "off", "bf16", "fp16"] = field(default="auto", metadata={"help": "mixed precision (GPU)"})
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "mixed precision (GPU)"}
+    )
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     # Run control
     seed: int = field(default=0, metadata={"help": "random seed"})
-    checkpoint_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps; 0 = per epoch only"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output"})
+    checkpoint_every_steps: int = field(
+        default=0, metadata={"help": "also checkpoint every N steps; 0 = per epoch only"}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last checkpoint in the output"}
+    )
     trials: int = field(default=1, metadata={"help": "repeat with N seeds and report mean/std"})
-    max_steps_per_epoch: int = field(default=0, metadata={"help": "cap steps per epoch (smoke runs); 0 = full epoch"})
+    max_steps_per_epoch: int = field(
+        default=0, metadata={"help": "cap steps per epoch (smoke runs); 0 = full epoch"}
+    )

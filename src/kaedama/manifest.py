@@ -1,0 +1,282 @@
+"""The dataset manifest: one row per image, shared by every stage.
+
+Format: JSON Lines. The first line is a header object ``{"kaedama_manifest": {...}}``
+holding the format version and anything recorded once for the whole file (the
+hash recipe, the stage that wrote it). Every further line is one image::
+
+    {"uri": "gs://b/cats/1.jpg", "label": "cats", "sha256": "...", "bytes": 1234,
+     "width": 640, "height": 480, "phash": "c3a1...", "cluster": "", "status": "kept",
+     "reason": "", "duplicate_of": "", "split": "train"}
+
+A person reads it with one command (``head``, ``jq``); unknown columns are kept
+on a round trip in :attr:`Row.extra`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from kaedama import storage
+from kaedama.errors import KaedamaError
+
+FORMAT_VERSION = 1
+HEADER_KEY = "kaedama_manifest"
+STATUSES = ("kept", "dropped", "rejected")
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(KaedamaError):
+    """A manifest (or input list) row is malformed; ``line`` is 1-based where known."""
+
+    def __init__(self, message: str, *, uri: str | None = None, line: int | None = None):
+        where = uri or "manifest"
+        if line is not None:
+            where = f"{where}:{line}"
+        super().__init__(f"{where}: {message}")
+        self.uri = uri
+        self.line = line
+
+
+@dataclass
+class Row:
+    """One image of the dataset and everything the stages decided about it."""
+
+    uri: str
+    label: str
+    sha256: str = ""
+    bytes: int = 0
+    width: int = 0
+    height: int = 0
+    phash: str = ""
+    cluster: str = ""
+    status: str = "kept"
+    reason: str = ""
+    duplicate_of: str = ""
+    split: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        extra = out.pop("extra")
+        out.update(extra)
+        return out
+
+
+_FIELDS = {f.name: f for f in fields(Row) if f.name != "extra"}
+_INT_FIELDS = ("bytes", "width", "height")
+_REQUIRED = ("uri", "label")
+
+
+@dataclass
+class Manifest:
+    """A header (recorded once) and the rows."""
+
+    header: dict[str, Any]
+    rows: list[Row]
+
+
+def row_from_dict(data: Any, *, uri: str | None = None, line: int | None = None) -> Row:
+    """Validate one decoded JSON object and turn it into a :class:`Row`."""
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"expected a JSON object, got {type(data).__name__}", uri=uri, line=line
+        )
+    for name in _REQUIRED:
+        value = data.get(name)
+        if not isinstance(value, str) or (name == "uri" and not value):
+            raise ManifestError(f"field {name!r} must be a non-empty string", uri=uri, line=line)
+    known: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            extra[key] = value
+            continue
+        if key in _INT_FIELDS:
+            if value in ("", None):
+                value = 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ManifestError(
+                    f"field {key!r} must be a non-negative integer, got {value!r}",
+                    uri=uri,
+                    line=line,
+                )
+        elif value is None:
+            value = ""
+        elif not isinstance(value, str):
+            raise ManifestError(
+                f"field {key!r} must be a string, got {value!r}", uri=uri, line=line
+            )
+        known[key] = value
+    row = Row(**known, extra=extra)
+    if row.status not in STATUSES:
+        raise ManifestError(
+            f"status {row.status!r} is not one of {', '.join(STATUSES)}", uri=uri, line=line
+        )
+    if row.split and row.split not in SPLITS:
+        raise ManifestError(
+            f"split {row.split!r} is not one of {', '.join(SPLITS)}", uri=uri, line=line
+        )
+    return row
+
+
+def parse_manifest(text: str, *, uri: str | None = None) -> Manifest:
+    """Parse manifest text; every problem names its line."""
+    header: dict[str, Any] = {}
+    rows: list[Row] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"not valid JSON ({exc.msg})", uri=uri, line=number) from exc
+        if isinstance(data, dict) and HEADER_KEY in data:
+            if rows or header:
+                raise ManifestError("the header must be the first line", uri=uri, line=number)
+            header = data[HEADER_KEY]
+            if not isinstance(header, dict):
+                raise ManifestError("the header must be an object", uri=uri, line=number)
+            version = header.get("version", FORMAT_VERSION)
+            if version != FORMAT_VERSION:
+                raise ManifestError(
+                    f"manifest format version {version} is not supported (this kaedama reads "
+                    f"version {FORMAT_VERSION}); upgrade kaedama",
+                    uri=uri,
+                    line=number,
+                )
+            continue
+        rows.append(row_from_dict(data, uri=uri, line=number))
+    return Manifest(header=header, rows=rows)
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Read and validate a JSON Lines manifest from a local path or ``gs://`` URI."""
+    return parse_manifest(storage.read_text(uri), uri=uri)
+
+
+def dumps_manifest(rows: Iterable[Row], header: dict[str, Any] | None = None) -> str:
+    """Serialise rows (and a header) to JSON Lines text; unicode stays readable."""
+    head = {"version": FORMAT_VERSION, **(header or {})}
+    lines = [json.dumps({HEADER_KEY: head}, ensure_ascii=False, sort_keys=True)]
+    lines.extend(json.dumps(r.to_json(), ensure_ascii=False) for r in rows)
+    return "\n".join(lines) + "\n"
+
+
+def write_manifest(uri: str, rows: Iterable[Row], header: dict[str, Any] | None = None) -> None:
+    """Write a manifest atomically (local or ``gs://``)."""
+    storage.write_text(uri, dumps_manifest(rows, header))
+
+
+def label_from_path(uri: str, root: str) -> str:
+    """The ImageFolder label of ``uri`` under ``root``: its parent folder's name.
+
+    Files directly in ``root`` have no label; nested folders use the innermost
+    folder (``root/a/b/x.jpg`` -> ``b``), as torchvision's ImageFolder does for one level.
+    """
+    rel = storage.relative_to(uri, root)
+    parent = posixpath.dirname(rel.replace("\\", "/"))
+    return posixpath.basename(parent)
+
+
+def list_image_folder(root: str) -> list[Row]:
+    """One row per file under ``root`` (ImageFolder layout: label = parent folder).
+
+    Every file is listed, whatever its extension: images are recognised by
+    content later, and a non-image is reported, not skipped here.
+
+    Raises:
+        ManifestError: when files sit directly in ``root`` (they would have no label).
+    """
+    uris = storage.list_files(root, recursive=True)
+    rows: list[Row] = []
+    unlabeled = []
+    for uri in uris:
+        label = label_from_path(uri, root)
+        if not label:
+            unlabeled.append(uri)
+            continue
+        rows.append(Row(uri=uri, label=label))
+    if unlabeled:
+        raise ManifestError(
+            f"{len(unlabeled)} file(s) directly under the root have no label folder "
+            f"(e.g. {unlabeled[0]}); put images in <root>/<label>/ or pass a CSV/JSONL list",
+            uri=root,
+        )
+    return rows
+
+
+def _iter_list_records(text: str, uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    if uri.lower().endswith((".jsonl", ".json", ".ndjson")):
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"not valid JSON ({exc.msg})", uri=uri, line=number) from exc
+            if isinstance(data, dict) and HEADER_KEY in data:
+                continue
+            yield number, data
+        return
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    for record in reader:
+        number = reader.line_num
+        if not record or all(not c.strip() for c in record):
+            continue
+        if header is None:
+            if [c.strip().lower() for c in record[:2]] == ["uri", "label"]:
+                header = [c.strip() for c in record]
+                continue
+            header = ["uri", "label"] + [f"column{i}" for i in range(3, len(record) + 1)]
+        if len(record) < 2:
+            raise ManifestError("expected at least two columns: uri,label", uri=uri, line=number)
+        yield number, dict(zip(header, (c.strip() for c in record), strict=False))
+
+
+def _parent(uri: str) -> str:
+    """The folder holding ``uri`` (local path or ``gs://``)."""
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def read_list(uri: str, *, base: str | None = None) -> list[Row]:
+    """Rows from a CSV (``uri,label[,...]``, header optional) or JSONL list of images.
+
+    Args:
+        uri: the list file, local or ``gs://``.
+        base: folder that relative URIs in the list are resolved against
+            (default: the list file's folder).
+    """
+    text = storage.read_text(uri)
+    base = base if base is not None else _parent(uri)
+    rows = []
+    for number, data in _iter_list_records(text, uri):
+        if isinstance(data, dict) and isinstance(data.get("uri"), str) and data["uri"]:
+            target = data["uri"]
+            if not storage.is_gcs(target) and not posixpath.isabs(target) and "://" not in target:
+                data = {**data, "uri": storage.join(base, target)}
+        rows.append(row_from_dict(data, uri=uri, line=number))
+    return rows
+
+
+def read_input(src: str) -> list[Row]:
+    """Rows for a stage input: a CSV/JSONL list file, or an ImageFolder root."""
+    if src.lower().endswith((".csv", ".jsonl", ".ndjson")) and not src.endswith("/"):
+        return read_list(src)
+    return list_image_folder(src)
+
+
+def count_by(rows: Iterable[Row], *keys: str) -> dict[Any, int]:
+    """Count rows by one or more attributes, e.g. ``count_by(rows, "label", "split")``."""
+    out: dict[Any, int] = {}
+    for row in rows:
+        key = tuple(getattr(row, k) for k in keys)
+        key = key[0] if len(keys) == 1 else key
+        out[key] = out.get(key, 0) + 1
+    return out

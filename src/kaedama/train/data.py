@@ -1,0 +1,304 @@
+"""Training data: manifest rows -> decoded, transformed tensors, with deterministic sampling.
+
+Three ideas keep training reproducible and robust:
+
+* **Bad images never crash an epoch.** :class:`ManifestDataset` returns a
+  :class:`Skipped` record instead of a sample when an image cannot be read or
+  decoded; :func:`collate` drops those and counts them in the batch, so the loop
+  can report how many images each epoch skipped (summed across ranks).
+* **Sampling is a pure function of (seed, epoch).** :class:`EpochSampler` draws
+  the epoch's global order (plain shuffle, class oversampling or class-weighted
+  draws) from a generator seeded with both, then deals it out to the ranks like
+  ``DistributedSampler``. A resumed run therefore sees the same batches, and the
+  union of the ranks' batches at step k equals the 1-process batch of the same
+  global size.
+* **Augmentation randomness is per sample.** The sampler hands every position a
+  seed; the dataset seeds ``torch``, ``random`` and ``numpy`` with it before the
+  transform runs. Results do not depend on the number of workers, on persistent
+  workers, or on where a resumed run restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kaedama import images, storage
+from kaedama.errors import KaedamaError
+from kaedama.manifest import Row, read_manifest
+
+log = logging.getLogger(__name__)
+
+BALANCE_MODES = ("none", "oversample", "weighted")
+# Derived seeds stay below 2**62 so they fit every RNG we feed (numpy takes 32 bits of them).
+_SEED_LIMIT = 2**62
+
+
+class DataError(KaedamaError):
+    """The manifest cannot be used for training (e.g. no kept training rows)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image to load: where it is and its class index."""
+
+    uri: str
+    target: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Returned by the dataset in place of a sample whose image could not be used."""
+
+    uri: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    """A collated batch; ``images`` is ``None`` when every image in it was skipped."""
+
+    images: torch.Tensor | None
+    targets: torch.Tensor | None
+    skipped: tuple[Skipped, ...]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The examples of each split and the class names (index = position)."""
+
+    classes: tuple[str, ...]
+    train: tuple[Example, ...]
+    val: tuple[Example, ...]
+    test: tuple[Example, ...]
+    unknown_labels: dict[str, int]  # val/test rows whose label never occurs in train
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable seed from integers (seed, epoch, step, rank, ...), independent of hashing salt."""
+    seq = np.random.SeedSequence([int(p) % 2**32 for p in parts])
+    return int(seq.generate_state(2, dtype=np.uint32).astype(np.uint64).view(np.uint64)[0]) % (
+        _SEED_LIMIT
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed ``torch`` (all devices), Python ``random`` and ``numpy`` with one value."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def class_names(rows: Sequence[Row]) -> tuple[str, ...]:
+    """Sorted label names of the kept training rows (Unicode labels sort by code point)."""
+    return tuple(sorted({r.label for r in rows if r.status == "kept" and r.split == "train"}))
+
+
+def load_splits(manifest_uri: str) -> Splits:
+    """Read a split manifest and turn its kept rows into examples per split.
+
+    Raises:
+        DataError: when the manifest has no kept training rows.
+    """
+    rows = read_manifest(manifest_uri).rows
+    classes = class_names(rows)
+    if not classes:
+        splits = Counter(r.split or "(none)" for r in rows if r.status == "kept")
+        raise DataError(
+            f"{manifest_uri}: no kept rows with split 'train' (kept rows per split: "
+            f"{dict(splits) or 'none'}); run 'kaedama split' on the manifest first"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    out: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    unknown: Counter[str] = Counter()
+    for row in rows:
+        if row.status != "kept" or row.split not in out:
+            continue
+        if row.label not in index:
+            unknown[row.label] += 1
+            continue
+        out[row.split].append(Example(row.uri, index[row.label]))
+    if unknown:
+        log.warning(
+            "%d val/test images have labels absent from train and are left out: %s",
+            sum(unknown.values()),
+            dict(unknown),
+        )
+    return Splits(
+        classes=classes,
+        train=tuple(out["train"]),
+        val=tuple(out["val"]),
+        test=tuple(out["test"]),
+        unknown_labels=dict(unknown),
+    )
+
+
+class ManifestDataset(Dataset):
+    """Images read through :mod:`kaedama.storage` and decoded by :mod:`kaedama.images`.
+
+    Items are requested as ``(index, seed)`` pairs (see :class:`EpochSampler`);
+    a plain ``index`` works too and uses no reseeding.
+
+    Args:
+        examples: what to load.
+        transform: PIL image -> tensor (train or eval transform).
+        max_pixels: refuse images larger than this (decompression bombs).
+        draft: reduced-size JPEG decoding, ``(w, h)`` the decoded image must still cover.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+        draft: tuple[int, int] | None = None,
+    ):
+        self.examples = list(examples)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.draft = draft
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int] | Skipped:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        example = self.examples[index]
+        try:
+            data = storage.read_bytes(example.uri)
+            image = images.decode(
+                data, max_pixels=self.max_pixels, draft=self.draft, uri=example.uri
+            )
+        except images.ImageError as exc:
+            return Skipped(example.uri, exc.reason)
+        except storage.StorageError as exc:
+            return Skipped(example.uri, f"unreadable: {exc}")
+        if seed is not None:
+            seed_everything(seed)
+        return self.transform(image), example.target
+
+
+def collate(items: Sequence[tuple[torch.Tensor, int] | Skipped]) -> Batch:
+    """Stack the good samples and keep the skipped ones' records (never raises for bad images)."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = tuple(it for it in items if isinstance(it, Skipped))
+    if not good:
+        return Batch(None, None, skipped)
+    return Batch(
+        torch.stack([img for img, _ in good]),
+        torch.tensor([t for _, t in good], dtype=torch.long),
+        skipped,
+    )
+
+
+class EpochSampler(Sampler):
+    """Deterministic per-epoch order, optionally class-balanced, sharded over ranks.
+
+    Yields ``(dataset_index, sample_seed)``. The global order of an epoch depends
+    only on ``(seed, epoch)``; rank ``r`` of ``world`` takes positions
+    ``r, r + world, ...`` after padding the order to a multiple of ``world``
+    (training) or without padding (evaluation, so every image counts once).
+
+    Args:
+        targets: class index of every dataset item.
+        seed: the run's seed.
+        shuffle: shuffle each epoch (training) or keep manifest order (evaluation).
+        balance: ``none``; ``oversample`` (every class drawn up to the largest
+            class's count each epoch, extra copies drawn at random);
+            ``weighted`` (``len(targets)`` draws with replacement, each class
+            equally likely).
+        rank, world: this process's place among the data-parallel ranks.
+        pad: pad to equal shard sizes (required for DDP training).
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[int],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        balance: str = "none",
+        rank: int = 0,
+        world: int = 1,
+        pad: bool = True,
+    ):
+        if balance not in BALANCE_MODES:
+            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world}")
+        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.balance = balance
+        self.rank = rank
+        self.world = world
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; ``start`` skips this rank's first ``start`` items (mid-epoch resume)."""
+        self.epoch = epoch
+        self.start = start
+
+    def global_order(self) -> torch.Tensor:
+        """This epoch's dataset indices for all ranks together, before sharding."""
+        n = len(self.targets)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5A4D))
+        if n == 0:
+            return torch.empty(0, dtype=torch.long)
+        if self.balance == "weighted":
+            counts = torch.bincount(self.targets).double()
+            weights = 1.0 / counts[self.targets]
+            return torch.multinomial(weights, n, replacement=True, generator=g)
+        if self.balance == "oversample":
+            counts = torch.bincount(self.targets)
+            top = int(counts.max())
+            parts = []
+            for cls in range(len(counts)):
+                members = torch.nonzero(self.targets == cls).flatten()
+                if len(members) == 0:
+                    continue
+                extra = members[torch.randint(len(members), (top - len(members),), generator=g)]
+                parts.extend([members, extra])
+            order = torch.cat(parts)
+            return order[torch.randperm(len(order), generator=g)]
+        if self.shuffle:
+            return torch.randperm(n, generator=g)
+        return torch.arange(n)
+
+    def _shard(self) -> tuple[torch.Tensor, torch.Tensor]:
+        order = self.global_order()
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5EED))
+        seeds = torch.randint(_SEED_LIMIT, (len(order),), generator=g)
+        if self.pad and self.world > 1 and len(order) % self.world:
+            extra = self.world - len(order) % self.world
+            # Repeat from the start of the order like DistributedSampler (wrapping when tiny).
+            take = torch.arange(extra) % max(len(order), 1)
+            order = torch.cat([order, order[take]])
+            seeds = torch.cat([seeds, seeds[take]])
+        return order[self.rank :: self.world], seeds[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = self._shard()
+        for i in range(self.start, len(order)):
+            yield int(order[i]), int(seeds[i])
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        if self.balance == "oversample" and n:
+            counts = torch.bincount(self.targets)
+            n = int(counts.max()) * int((counts > 0).sum())
+        if self.pad and self.world > 1:
+            per_rank = -(-n // self.world)
+        else:
+            per_rank = len(range(self.rank, n, self.world))
+        return max(per_rank - self.start, 0)
