@@ -9,6 +9,8 @@ import pytest
 
 # Tests never reach a model hub; pretrained weights come from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# google.auth must never probe the GCE metadata server (an address off this machine).
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
