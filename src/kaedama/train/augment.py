@@ -193,7 +193,7 @@ def mixup(
     Returns ``lam * x + (1 - lam) * x.flip(0)`` and the same mixture of the smoothed one-hot
     targets.
     """
-    mixed = images * lam + images.flip(0) * (1.0 - lam)
+    mixed = images.mul(lam).add_(images.flip(0), alpha=1.0 - lam)
     y = one_hot_smooth(targets, num_classes, smoothing)
     return mixed, y * lam + y.flip(0) * (1.0 - lam)
 
@@ -275,13 +275,19 @@ def _patch_images(
     w = int(round(width * rng.beta(beta, beta)))
     h = int(round(height * rng.beta(beta, beta)))
     # Top-left, top-right, bottom-left, bottom-right, as (dst_x, dst_y, width, height).
-    layout = ((0, 0, w, h), (w, 0, width - w, h), (0, h, w, height - h), (w, h, width - w, height - h))
+    layout = (
+        (0, 0, w, h),
+        (w, 0, width - w, h),
+        (0, h, w, height - h),
+        (w, h, width - w, height - h),
+    )
     out = torch.empty_like(images)
     soft = torch.zeros(batch, num_classes, dtype=torch.float32, device=targets.device)
     y = one_hot_smooth(targets, num_classes, smoothing)
     patches = []
     for dst_x, dst_y, pw, ph in layout:
-        perm = torch.from_numpy(rng.permutation(batch)).to(images.device)
+        perm_cpu = torch.from_numpy(rng.permutation(batch))
+        perm = perm_cpu.to(images.device)
         if same_position:
             src_x, src_y = dst_x, dst_y
         else:
@@ -292,7 +298,7 @@ def _patch_images(
         ]
         weight = pw * ph / float(width * height)
         soft += weight * y[perm.to(targets.device)]
-        patches.append(Patch(perm.cpu(), src_x, src_y, dst_x, dst_y, pw, ph, weight))
+        patches.append(Patch(perm_cpu, src_x, src_y, dst_x, dst_y, pw, ph, weight))
     return out, soft, PatchGeometry(w, h, tuple(patches))
 
 
