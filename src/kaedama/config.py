@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kaedama.errors import KaedamaError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(KaedamaError, ValueError):
     """A configuration value is unknown or has the wrong type."""
 
 
