@@ -17,17 +17,20 @@ Bit compatibility
     often the two agree bit for bit is measured in ``bench/bench_planted.py``.
 
 Second signal
-    :func:`descriptor` is a 16x16 RGB thumbnail (768 bytes) made by area averaging; two
-    images are compared with :func:`descriptor_similarity`, the Pearson correlation of
-    the two thumbnails over all three channels jointly. It depends on the pixel
-    values and the colours, which the sign pattern of a grayscale DCT (phash) ignores,
-    and it is unchanged by a global brightness/contrast gain.
+    :func:`descriptor` stores a 32x32 grayscale and an 8x8 RGB thumbnail (1,216 bytes);
+    :func:`descriptor_similarities` scores a pair by the minimum of (a) the correlation
+    of the thumbnails' high-pass detail, best over small zooms and shifts, and (b) the
+    correlation of the colour thumbnails. phash keeps only the signs of the 8x8 lowest
+    DCT frequencies of a grayscale image; the detail layer is exactly the part it
+    throws away, and colour is invisible to it, so look-alikes that share a phash
+    (different motorbikes on white, a recoloured logo) score low while resized,
+    re-encoded, brightened or slightly cropped copies of one photo score high.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +38,7 @@ import imagehash
 import numpy as np
 import PIL
 from PIL import Image
+from scipy.ndimage import uniform_filter
 
 from kaedama import images
 
@@ -42,12 +46,18 @@ if TYPE_CHECKING:
     from kaedama.hashcache import HashCache
 
 # The reduced decode keeps at least this many pixels per side before the hash resamples
-# to 4 * hash_size. Chosen in bench/bench_planted.py: large enough that the fast path
+# to 4 * hash_size. Measured in bench/bench_hash.py: large enough that the fast path
 # agrees with the full decode on nearly every image, small enough that a 12 MP phone
 # photo decodes at 1/8 scale.
 DRAFT_SIZE = 256
-DESCRIPTOR_SIZE = 16
-DESCRIPTOR_VERSION = f"rgb{DESCRIPTOR_SIZE}"
+# Second signal: a grayscale thumbnail for detail and a coarser RGB one for colour.
+DETAIL_SIZE = 32
+COLOUR_SIZE = 8
+DETAIL_ZOOMS = (1.0, 1.03, 1.06)
+DETAIL_SHIFTS = (-1, 0, 1)
+_GRAY_BYTES = DETAIL_SIZE * DETAIL_SIZE
+DESCRIPTOR_BYTES = _GRAY_BYTES + COLOUR_SIZE * COLOUR_SIZE * 3
+DESCRIPTOR_VERSION = f"g{DETAIL_SIZE}c{COLOUR_SIZE}"
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
@@ -151,46 +161,126 @@ def hex_to_hash(s: str) -> int:
 
 
 def descriptor(image: Image.Image) -> bytes:
-    """The second similarity signal: a DESCRIPTOR_SIZE^2 RGB thumbnail by area averaging."""
-    thumb = image.convert("RGB").resize(
-        (DESCRIPTOR_SIZE, DESCRIPTOR_SIZE), Image.Resampling.BOX
-    )
-    return thumb.tobytes()
+    """The second similarity signal of one image (DESCRIPTOR_BYTES bytes).
+
+    A DETAIL_SIZE^2 grayscale thumbnail followed by a COLOUR_SIZE^2 RGB thumbnail,
+    both by area averaging.
+    """
+    gray = image.convert("L").resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BOX)
+    colour = image.convert("RGB").resize((COLOUR_SIZE, COLOUR_SIZE), Image.Resampling.BOX)
+    return gray.tobytes() + colour.tobytes()
 
 
-def _centred(desc: np.ndarray) -> np.ndarray:
-    """Rows of uint8 descriptors -> zero-mean, unit-norm float32 rows (flat images -> 0)."""
-    x = desc.astype(np.float32)
-    x -= x.mean(axis=1, keepdims=True)
+def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows -> zero-mean, unit-norm float32 rows, and a mask of rows with no variance."""
+    x = x - x.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-6)
+    flat = norm[:, 0] <= 1e-3
+    return np.divide(x, norm, out=np.zeros_like(x), where=~flat[:, None]), flat
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation; two flat rows score 1, one flat row 0."""
+    ca, flat_a = _centred(a)
+    cb, flat_b = _centred(b)
+    sim = np.einsum("ij,ij->i", ca, cb)
+    sim[flat_a & flat_b] = 1.0
+    return sim
+
+
+def _warp_taps() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Bilinear gather (indices, weights) of every zoom/shift tried by the detail match."""
+    c = (DETAIL_SIZE - 1) / 2
+    yy, xx = np.mgrid[0:DETAIL_SIZE, 0:DETAIL_SIZE].astype(np.float64)
+    taps = []
+    for zoom in DETAIL_ZOOMS:
+        for dy in DETAIL_SHIFTS:
+            for dx in DETAIL_SHIFTS:
+                sy = np.clip((yy - c) / zoom + c + dy, 0, DETAIL_SIZE - 1).ravel()
+                sx = np.clip((xx - c) / zoom + c + dx, 0, DETAIL_SIZE - 1).ravel()
+                y0 = np.minimum(np.floor(sy).astype(np.int64), DETAIL_SIZE - 2)
+                x0 = np.minimum(np.floor(sx).astype(np.int64), DETAIL_SIZE - 2)
+                fy, fx = sy - y0, sx - x0
+                idx = np.stack(
+                    [
+                        y0 * DETAIL_SIZE + x0,
+                        y0 * DETAIL_SIZE + x0 + 1,
+                        (y0 + 1) * DETAIL_SIZE + x0,
+                        (y0 + 1) * DETAIL_SIZE + x0 + 1,
+                    ]
+                )
+                weights = np.stack(
+                    [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]
+                ).astype(np.float32)
+                taps.append((idx, weights))
+    return taps
+
+
+_TAPS: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def _detail(gray: np.ndarray) -> np.ndarray:
+    """High-pass layer (thumbnail minus its 5x5 local mean): what a low-frequency hash ignores."""
+    img = gray.reshape(-1, DETAIL_SIZE, DETAIL_SIZE)
+    return (img - uniform_filter(img, size=(1, 5, 5), mode="nearest")).reshape(len(gray), -1)
+
+
+def _aligned_detail_similarity(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
+    """Best detail correlation over small zooms and shifts of either image onto the other."""
+    if not _TAPS:
+        _TAPS.extend(_warp_taps())
+    da, db = _detail(ga), _detail(gb)
+    best = np.full(len(ga), -1.0, dtype=np.float32)
+    for idx, weights in _TAPS:
+        # Warp the thumbnail first, then take its detail: interpolating a high-pass
+        # layer would blur exactly the detail being compared.
+        for fixed, moving in ((da, gb), (db, ga)):
+            warped = sum(weights[t] * moving[:, idx[t]] for t in range(4))
+            np.maximum(best, _correlation(fixed, _detail(warped)), out=best)
+    return best
 
 
 def descriptor_similarity(a: bytes, b: bytes) -> float:
-    """Pearson correlation in [-1, 1] of two descriptors over all channels jointly.
-
-    Two flat images (no variance) are identical in this signal and score 1.0; a flat
-    image against a textured one scores 0.0.
-    """
+    """Similarity in [-1, 1] of two descriptors; see :func:`descriptor_similarities`."""
     return float(descriptor_similarities([a], [b])[0])
 
 
-def descriptor_similarities(a: list[bytes], b: list[bytes]) -> np.ndarray:
-    """Vectorised :func:`descriptor_similarity` for aligned lists of descriptors."""
+def descriptor_similarities(
+    a: Sequence[bytes], b: Sequence[bytes], *, chunk: int = 2048
+) -> np.ndarray:
+    """Similarity of aligned pairs of descriptors, vectorised.
+
+    The score is the minimum of two correlations, so both must agree:
+
+    * detail: the high-pass layer of the grayscale thumbnails, matched over zooms of up
+      to 6% and shifts of one thumbnail pixel (crops, small re-framings);
+    * colour: the RGB thumbnails over all channels jointly (a recoloured look-alike
+      with the same shapes fails here).
+
+    Both are unchanged by a global brightness/contrast gain. Flat images (no detail)
+    match each other and nothing else.
+    """
     if len(a) != len(b):
         raise ValueError("descriptor lists differ in length")
-    if not a:
-        return np.zeros(0, dtype=np.float32)
-    xa = np.frombuffer(b"".join(a), dtype=np.uint8).reshape(len(a), -1)
-    xb = np.frombuffer(b"".join(b), dtype=np.uint8).reshape(len(b), -1)
-    if xa.shape != xb.shape:
-        raise ValueError("descriptors of different sizes cannot be compared")
-    ca, cb = _centred(xa), _centred(xb)
-    sim = np.einsum("ij,ij->i", ca, cb)
-    flat_a = ~ca.any(axis=1)
-    flat_b = ~cb.any(axis=1)
-    sim[flat_a & flat_b] = 1.0
-    return np.clip(sim, -1.0, 1.0)
+    out = np.zeros(len(a), dtype=np.float32)
+    for start in range(0, len(a), chunk):
+        xa = _descriptor_rows(a[start : start + chunk])
+        xb = _descriptor_rows(b[start : start + chunk])
+        ga, gb = xa[:, :_GRAY_BYTES], xb[:, :_GRAY_BYTES]
+        colour = _correlation(xa[:, _GRAY_BYTES:], xb[:, _GRAY_BYTES:])
+        detail = _aligned_detail_similarity(ga, gb)
+        out[start : start + len(xa)] = np.minimum(colour, detail)
+    return np.clip(out, -1.0, 1.0)
+
+
+def _descriptor_rows(descs: Sequence[bytes]) -> np.ndarray:
+    if any(len(d) != DESCRIPTOR_BYTES for d in descs):
+        raise ValueError(
+            f"descriptors must be {DESCRIPTOR_BYTES} bytes ({DESCRIPTOR_VERSION}); "
+            "were they made by another kaedama version?"
+        )
+    raw = np.frombuffer(b"".join(descs), dtype=np.uint8).reshape(len(descs), DESCRIPTOR_BYTES)
+    return raw.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -246,11 +336,8 @@ def hash_image_bytes(
         if hit is not None:
             width, height, h, desc = hit
             return ImageRecord(uri, label, sha, len(data), width, height, h, desc, mtime)
-    image, info = images.decode_with_info(
-        data, max_pixels=max_pixels, draft=recipe.draft, uri=uri
-    )
+    image, info = images.decode_with_info(data, max_pixels=max_pixels, draft=recipe.draft, uri=uri)
     h, desc = hash_decoded(image, recipe)
     if cache is not None:
         cache.put(sha, recipe, info.width, info.height, h, desc)
     return ImageRecord(uri, label, sha, len(data), info.width, info.height, h, desc, mtime)
-

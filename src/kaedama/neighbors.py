@@ -75,6 +75,16 @@ def block_keys(h: int, threshold: int, bits: int = 64) -> list[tuple[int, int]]:
     ]
 
 
+def hash_array(hashes: Sequence[int], bits: int = 64) -> np.ndarray:
+    """Python-int hashes -> the array :func:`find_pairs` takes.
+
+    Returns a 1-D ``uint64`` array for ``bits <= 64``, else ``(n, words)`` ``uint64``.
+    """
+    if bits <= 64:
+        return np.array([int(h) for h in hashes], dtype=np.uint64)
+    return _words(hashes, bits)
+
+
 def _words(hashes: Sequence[int], bits: int | None = None) -> np.ndarray:
     """Python-int hashes -> (n, words) uint64 array, most significant word first."""
     if bits is None:
@@ -88,10 +98,10 @@ def _words(hashes: Sequence[int], bits: int | None = None) -> np.ndarray:
     return out
 
 
-def _popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamming distance between aligned rows (1-D uint64 or (n, words) uint64)."""
+def _popcount_xor(a: np.ndarray, b: np.ndarray, multiword: bool) -> np.ndarray:
+    """Hamming distance between broadcast hashes; ``multiword``: the last axis holds words."""
     x = np.bitwise_count(np.bitwise_xor(a, b))
-    return x.sum(axis=-1, dtype=np.int64) if x.ndim > 1 else x.astype(np.int64)
+    return x.sum(axis=-1, dtype=np.int64) if multiword else x.astype(np.int64)
 
 
 def _pairs_within_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +140,7 @@ def _huge_run_pairs(
     block = values[start : start + length]
     for r0 in range(0, length, rows):
         r1 = min(length, r0 + rows)
-        dist = _popcount_xor(block[r0:r1, None], block[None, :])
+        dist = _popcount_xor(block[r0:r1, None], block[None, :], block.ndim == 2)
         ii, jj = np.nonzero(dist <= threshold)
         keep = jj > ii + r0
         ii, jj = ii[keep] + r0, jj[keep]
@@ -167,7 +177,7 @@ def _verified_in_runs(
     for part in _chunked_runs(lengths):
         p, q = _pairs_within_runs(starts[part], lengths[part])
         i, j = order[p], order[q]
-        dist = _popcount_xor(values[i], values[j])
+        dist = _popcount_xor(values[i], values[j], values.ndim == 2)
         ok = dist <= threshold
         yield i[ok], j[ok], dist[ok]
 
@@ -267,7 +277,7 @@ def find_pairs(
     n = arr.shape[0]
     if threshold < 0 or n < 2:
         return np.zeros((0, 3), dtype=np.int64)
-    uniq, inverse = np.unique(arr, axis=0, return_inverse=True)
+    uniq, inverse = np.unique(arr, axis=0 if arr.ndim == 2 else None, return_inverse=True)
     inverse = inverse.reshape(-1)
     first_word = uniq if uniq.ndim == 1 else uniq[:, 0]
     bits = 64
@@ -314,7 +324,7 @@ def brute_force_pairs(hashes: np.ndarray, threshold: int, *, rows: int = 1024) -
     out_i, out_j, out_d = [], [], []
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        dist = _popcount_xor(arr[r0:r1, None], arr[None, :])
+        dist = _popcount_xor(arr[r0:r1, None], arr[None, :], arr.ndim == 2)
         ii, jj = np.nonzero(dist <= threshold)
         keep = jj > ii + r0
         ii, jj = ii[keep], jj[keep]
@@ -354,7 +364,7 @@ def pairs_in_bucket(
     rows = max(1, CHUNK_PAIRS // len(ordered))
     out: list[tuple[str, str, int]] = []
     for r0 in range(0, len(ordered), rows):
-        dist = _popcount_xor(words[r0 : r0 + rows, None], words[None, :])
+        dist = _popcount_xor(words[r0 : r0 + rows, None], words[None, :], True)
         ii, jj = np.nonzero(dist <= threshold)
         for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
             a, b = uris[i + r0], uris[j]

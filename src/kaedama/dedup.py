@@ -1,0 +1,539 @@
+"""Dedup decisions: exact duplicates, near-duplicates and label conflicts.
+
+Inputs are fingerprints (:class:`kaedama.hashing.ImageRecord`), the files that could
+not be read (:class:`Rejected`) and candidate pairs ``(uri_a, uri_b, distance)`` from
+an exact Hamming search (:mod:`kaedama.neighbors`). The output gives exactly one
+manifest row per input file.
+
+Steps
+    1. Candidates: every pair within ``threshold`` bits (distance recomputed here).
+    2. Confirmation: a second, independent signal (the descriptor correlation of
+       :func:`kaedama.hashing.descriptor_similarity`) must reach
+       ``confirm_threshold``. Unconfirmed candidates are reported but never cluster,
+       because different photos can share a phash (product shots on white).
+    3. Clusters: connected components over identical sha256 and confirmed pairs.
+    4. A cluster spanning several labels is a label conflict, resolved by
+       ``conflict_policy``: ``drop_all`` drops every member; ``majority`` keeps the
+       images of a strict majority label (then dedups them) and drops the rest, or
+       drops all when no label has a strict majority; ``review`` keeps every label's
+       images (still one per duplicate group within a label) and flags every member
+       with ``extra["review"] = "label_conflict"``.
+    5. Within one label, each connected group keeps one image: within identical bytes
+       by ``exact_keep`` (``first`` = smallest URI, ``oldest`` = smallest mtime,
+       ``largest`` = most bytes, which ties for identical bytes and so falls back to
+       the URI), then across the group by ``near_keep`` (``largest`` = most pixels,
+       ``first`` = smallest URI). Dropped images name the kept one in
+       ``duplicate_of`` with reason ``exact_duplicate`` (same bytes as the kept image)
+       or ``near_duplicate``.
+
+Every decision depends only on the set of inputs, not their order: records are
+sorted by URI and ties are broken by URI. Cluster ids are ``"c"`` + the first 12 hex
+digits of the smallest sha256 in the cluster.
+
+Scaling
+    Hashing is per file and parallel. The pair search is parallel too in Beam: each
+    hash is emitted under its ``t + 1`` block keys, each bucket is verified on its
+    own worker, and the in-memory :func:`kaedama.neighbors.find_pairs` handles a
+    million hashes in seconds on one core (see BENCHMARKS.md). Buckets grow as
+    N / 2^(64/(t+1)) for spread-out hashes; hashes that share blocks (blank or uniform
+    images) make large buckets, which are logged and verified in bounded chunks, and
+    identical hashes cost their output pairs only. The single-worker part is this
+    module: :func:`decide` holds every record (about 1.5 KB each with the 1,216-byte
+    descriptor) plus the candidate pairs in memory, computes similarities in one
+    vectorised pass and runs connected components with scipy in O(N + P). It scales
+    linearly to a few million images per GiB-sized worker; beyond roughly 10^7 images
+    or 10^8 candidate pairs the confirmation and component steps must move into the
+    pipeline (confirm inside the bucket step, components by iterative label
+    propagation) and only the per-cluster decisions stay here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from kaedama import images
+from kaedama.config import ConfigError, config_to_dict
+from kaedama.errors import KaedamaError
+from kaedama.hashing import (
+    DESCRIPTOR_BYTES,
+    DESCRIPTOR_VERSION,
+    HashingError,
+    HashRecipe,
+    ImageRecord,
+    descriptor_similarities,
+    hash_to_hex,
+)
+from kaedama.manifest import Row
+from kaedama.neighbors import LARGE_BUCKET, find_pairs, hash_array
+
+log = logging.getLogger(__name__)
+
+# Calibrated in bench/bench_planted.py (see BENCHMARKS.md): keeps 99.9% of 1,500 planted
+# resize / JPEG q25 / brightness / 5% crop copies of Caltech photos (all but one crop)
+# and rejects 129 of the 264 Caltech phash candidates, which are mostly different
+# objects photographed alike (motorbikes on white, airliners on blue sky).
+DEFAULT_CONFIRM_THRESHOLD = 0.80
+
+REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
+
+
+class DedupError(KaedamaError):
+    """The dedup inputs are inconsistent (e.g. a URI listed twice)."""
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Configuration of the dedup stage; the CLI flags and Beam options mirror these fields."""
+
+    hash_algorithm: Literal["phash", "ahash", "dhash", "whash"] = field(
+        default="phash", metadata={"help": "perceptual hash (imagehash-compatible bits)"}
+    )
+    hash_size: int = field(default=8, metadata={"help": "hash grid side; bits = hash_size^2"})
+    reduced_decode: bool = field(
+        default=True,
+        metadata={"help": "decode JPEGs at reduced size before hashing (faster; recipe recorded)"},
+    )
+    threshold: int = field(
+        default=4, metadata={"help": "near-duplicate candidates: Hamming distance <= this"}
+    )
+    confirm: bool = field(
+        default=True,
+        metadata={"help": "confirm candidates with a second signal (thumbnail correlation)"},
+    )
+    confirm_threshold: float = field(
+        default=DEFAULT_CONFIRM_THRESHOLD,
+        metadata={"help": "minimum thumbnail correlation (-1..1) for a confirmed near-duplicate"},
+    )
+    exact_keep: Literal["first", "oldest", "largest"] = field(
+        default="first", metadata={"help": "which of identical files to keep"}
+    )
+    near_keep: Literal["largest", "first"] = field(
+        default="largest", metadata={"help": "which near-duplicate to keep within one label"}
+    )
+    conflict_policy: Literal["drop_all", "majority", "review"] = field(
+        default="drop_all", metadata={"help": "clusters spanning several labels"}
+    )
+    max_bucket: int = field(
+        default=LARGE_BUCKET,
+        metadata={"help": "log and chunk hash buckets larger than this (still exact)"},
+    )
+    max_pixels: int = field(
+        default=images.DEFAULT_MAX_PIXELS,
+        metadata={"help": "reject images with more pixels than this (decompression bombs)"},
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            recipe = self.recipe()
+        except HashingError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not 0 <= self.threshold < recipe.bits:
+            raise ConfigError(f"threshold must be in [0, {recipe.bits - 1}], got {self.threshold}")
+        if not -1.0 <= self.confirm_threshold <= 1.0:
+            raise ConfigError(f"confirm_threshold must be in [-1, 1], got {self.confirm_threshold}")
+        if self.max_bucket < 2:
+            raise ConfigError(f"max_bucket must be >= 2, got {self.max_bucket}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+
+    def recipe(self) -> HashRecipe:
+        """The hash recipe these settings describe."""
+        return HashRecipe(self.hash_algorithm, self.hash_size, self.reduced_decode)
+
+
+@dataclass
+class Rejected:
+    """A file that could not be read as an image."""
+
+    uri: str
+    label: str
+    reason: str
+    message: str
+    bytes: int = 0
+
+
+@dataclass
+class DedupResult:
+    """Everything the dedup stage decided.
+
+    Attributes:
+        rows: one manifest row per input (records and rejected), sorted by URI.
+        clusters: one dict per cluster, sorted by id::
+
+            {"id": "c1a2b...", "labels": [...], "conflict": bool,
+             "decision": "keep_one" | "drop_all" | "majority" | "no_majority" | "review",
+             "kept": [uri, ...],
+             "members": [{"uri", "label", "sha256", "bytes", "width", "height",
+                          "decision": status, "reason", "duplicate_of"}, ...],
+             "exact_groups": [[uri, ...], ...],          # identical bytes, 2+ members
+             "pairs": [{"a", "b", "distance", "similarity", "confirmed"}, ...]}
+
+        candidate_pairs: every candidate ``(a, b, distance, similarity, confirmed)``.
+        summary: counts (see :func:`summarise`).
+    """
+
+    rows: list[Row]
+    clusters: list[dict[str, Any]]
+    candidate_pairs: list[tuple[str, str, int, float, bool]]
+    summary: dict[str, Any]
+
+
+def manifest_header(config: DedupConfig) -> dict[str, Any]:
+    """What the manifest records once: the hash recipe and the dedup settings."""
+    recipe = config.recipe()
+    return {
+        "stage": "dedup",
+        "hash_recipe": recipe.key(),
+        "hash": recipe.to_dict(),
+        "descriptor": {"version": DESCRIPTOR_VERSION, "bytes": DESCRIPTOR_BYTES},
+        "dedup": config_to_dict(config),
+    }
+
+
+# --------------------------------------------------------------------------- keep policies
+
+
+def _exact_order(rec: ImageRecord, policy: str) -> tuple:
+    if policy == "oldest":
+        return (rec.mtime, rec.uri)
+    if policy == "largest":
+        return (-rec.bytes, -rec.width * rec.height, rec.uri)
+    return (rec.uri,)
+
+
+def _near_order(rec: ImageRecord, policy: str) -> tuple:
+    if policy == "largest":
+        return (-rec.width * rec.height, -rec.bytes, rec.uri)
+    return (rec.uri,)
+
+
+@dataclass
+class _Decision:
+    status: str = "kept"
+    reason: str = ""
+    duplicate_of: str = ""
+    cluster: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _components(n: int, edges_a: np.ndarray, edges_b: np.ndarray) -> np.ndarray:
+    """Connected-component label per node (scipy, O(n + edges))."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    graph = coo_matrix(
+        (np.ones(edges_a.size, dtype=np.int8), (edges_a, edges_b)), shape=(n, n)
+    ).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def _dedup_within_label(
+    members: list[int],
+    recs: list[ImageRecord],
+    edges: list[tuple[int, int]],
+    config: DedupConfig,
+    decisions: list[_Decision],
+) -> list[int]:
+    """Keep one image per connected group of ``members`` (one label); returns kept indices."""
+    inside = set(members)
+    local = {m: k for k, m in enumerate(members)}
+    a = [local[x] for x, y in edges if x in inside and y in inside]
+    b = [local[y] for x, y in edges if x in inside and y in inside]
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for m in members:
+        by_sha[recs[m].sha256].append(m)
+    for group in by_sha.values():
+        for other in group[1:]:
+            a.append(local[group[0]])
+            b.append(local[other])
+    comp = _components(len(members), np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for m, c in zip(members, comp.tolist(), strict=True):
+        groups[c].append(m)
+    kept = []
+    for group in groups.values():
+        shas: dict[str, list[int]] = defaultdict(list)
+        for m in group:
+            shas[recs[m].sha256].append(m)
+        reps = {
+            sha: min(ms, key=lambda m: _exact_order(recs[m], config.exact_keep))
+            for sha, ms in shas.items()
+        }
+        winner = min(reps.values(), key=lambda m: _near_order(recs[m], config.near_keep))
+        kept.append(winner)
+        for m in group:
+            if m == winner:
+                continue
+            same_bytes = recs[m].sha256 == recs[winner].sha256
+            decisions[m].status = "dropped"
+            decisions[m].reason = "exact_duplicate" if same_bytes else "near_duplicate"
+            decisions[m].duplicate_of = recs[winner].uri
+    return kept
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def _candidates(
+    candidate_pairs: Iterable[tuple], recs: list[ImageRecord], index: dict[str, int], config
+) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Normalise candidates to unique (i, j, distance), i < j, distance recomputed."""
+    found: set[tuple[int, int]] = set()
+    for pair in candidate_pairs:
+        a, b = pair[0], pair[1]
+        if a == b:
+            continue
+        try:
+            i, j = index[a], index[b]
+        except KeyError as exc:
+            raise DedupError(
+                f"candidate pair names {exc.args[0]!r}, which is not among the hashed images; "
+                "were the pairs computed on another input?"
+            ) from exc
+        found.add((min(i, j), max(i, j)))
+    pairs = []
+    for i, j in sorted(found):
+        dist = (recs[i].hash ^ recs[j].hash).bit_count()
+        if dist <= config.threshold:
+            pairs.append((i, j, dist))
+    if pairs:
+        sims = descriptor_similarities(
+            [recs[i].descriptor for i, _, _ in pairs], [recs[j].descriptor for _, j, _ in pairs]
+        )
+    else:
+        sims = np.zeros(0, dtype=np.float32)
+    return pairs, sims
+
+
+def decide(
+    records: Sequence[ImageRecord],
+    rejected: Sequence[Rejected],
+    candidate_pairs: Iterable[tuple[str, str, int]],
+    config: DedupConfig,
+) -> DedupResult:
+    """Decide kept/dropped for every image; see the module docstring for the rules.
+
+    Args:
+        records: fingerprints of the readable images (unique URIs).
+        rejected: the unreadable files.
+        candidate_pairs: ``(uri_a, uri_b, distance)`` from the Hamming search, in any
+            order and possibly repeated; the distance is recomputed from the records,
+            and pairs beyond ``config.threshold`` are ignored.
+        config: the stage configuration.
+
+    Returns:
+        The :class:`DedupResult`.
+
+    Raises:
+        DedupError: a URI appears twice, or a pair names an unknown URI.
+    """
+    recs = sorted(records, key=lambda r: r.uri)
+    rej = sorted(rejected, key=lambda r: r.uri)
+    seen: set[str] = set()
+    for uri in [r.uri for r in recs] + [r.uri for r in rej]:
+        if uri in seen:
+            raise DedupError(f"{uri} is listed more than once; list every file once")
+        seen.add(uri)
+    index = {r.uri: i for i, r in enumerate(recs)}
+    n = len(recs)
+    bits = config.recipe().bits
+
+    pairs, sims = _candidates(candidate_pairs, recs, index, config)
+    if config.confirm:
+        confirmed = (sims >= config.confirm_threshold).tolist()
+    else:
+        confirmed = [True] * len(pairs)
+    edges = [(i, j) for (i, j, _), ok in zip(pairs, confirmed, strict=True) if ok]
+
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(recs):
+        by_sha[r.sha256].append(i)
+    ea = [i for i, _ in edges] + [g[0] for g in by_sha.values() for _ in g[1:]]
+    eb = [j for _, j in edges] + [o for g in by_sha.values() for o in g[1:]]
+    comp = _components(n, np.array(ea, dtype=np.int64), np.array(eb, dtype=np.int64))
+
+    members_of: dict[int, list[int]] = defaultdict(list)
+    for i, c in enumerate(comp.tolist()):
+        members_of[c].append(i)
+    decisions = [_Decision() for _ in range(n)]
+    clusters: list[dict[str, Any]] = []
+    for members in members_of.values():
+        if len(members) < 2:
+            continue
+        cid = "c" + min(recs[m].sha256 for m in members)[:12]
+        for m in members:
+            decisions[m].cluster = cid
+        labels = Counter(recs[m].label for m in members)
+        kept: list[int] = []
+        if len(labels) == 1:
+            decision = "keep_one"
+            kept = _dedup_within_label(members, recs, edges, config, decisions)
+        elif config.conflict_policy == "review":
+            decision = "review"
+            for label in sorted(labels):
+                subset = [m for m in members if recs[m].label == label]
+                kept += _dedup_within_label(subset, recs, edges, config, decisions)
+            for m in members:
+                decisions[m].extra["review"] = "label_conflict"
+        else:
+            top_label, top = max(labels.items(), key=lambda kv: (kv[1], kv[0]))
+            majority = config.conflict_policy == "majority" and 2 * top > len(members)
+            decision = "majority" if majority else "drop_all"
+            if config.conflict_policy == "majority" and not majority:
+                decision = "no_majority"
+            for m in members:
+                if not majority or recs[m].label != top_label:
+                    decisions[m].status = "dropped"
+                    decisions[m].reason = "label_conflict"
+            if majority:
+                subset = [m for m in members if recs[m].label == top_label]
+                kept = _dedup_within_label(subset, recs, edges, config, decisions)
+        clusters.append(
+            {
+                "id": cid,
+                "labels": sorted(labels),
+                "conflict": len(labels) > 1,
+                "decision": decision,
+                "kept": sorted(recs[m].uri for m in kept),
+                "members": [
+                    {
+                        "uri": recs[m].uri,
+                        "label": recs[m].label,
+                        "sha256": recs[m].sha256,
+                        "bytes": recs[m].bytes,
+                        "width": recs[m].width,
+                        "height": recs[m].height,
+                        "decision": decisions[m].status,
+                        "reason": decisions[m].reason,
+                        "duplicate_of": decisions[m].duplicate_of,
+                    }
+                    for m in members
+                ],
+                "exact_groups": sorted(
+                    sorted(recs[m].uri for m in g)
+                    for g in (
+                        [m for m in members if recs[m].sha256 == sha]
+                        for sha in sorted({recs[m].sha256 for m in members})
+                    )
+                    if len(g) > 1
+                ),
+                "pairs": [],
+            }
+        )
+
+    candidates_out = []
+    pairs_by_cluster: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (i, j, dist), sim, ok in zip(pairs, sims.tolist(), confirmed, strict=True):
+        sim = round(float(sim), 6)
+        candidates_out.append((recs[i].uri, recs[j].uri, dist, sim, bool(ok)))
+        ci, cj = decisions[i].cluster, decisions[j].cluster
+        if ci and ci == cj:
+            pairs_by_cluster[ci].append(
+                {
+                    "a": recs[i].uri,
+                    "b": recs[j].uri,
+                    "distance": dist,
+                    "similarity": sim,
+                    "confirmed": bool(ok),
+                }
+            )
+    for cluster in clusters:
+        cluster["pairs"] = pairs_by_cluster.get(cluster["id"], [])
+    clusters.sort(key=lambda c: c["id"])
+
+    rows = [
+        Row(
+            uri=r.uri,
+            label=r.label,
+            sha256=r.sha256,
+            bytes=r.bytes,
+            width=r.width,
+            height=r.height,
+            phash=hash_to_hex(r.hash, bits),
+            cluster=d.cluster,
+            status=d.status,
+            reason=d.reason,
+            duplicate_of=d.duplicate_of,
+            extra=dict(d.extra),
+        )
+        for r, d in zip(recs, decisions, strict=True)
+    ]
+    rows += [
+        Row(
+            uri=r.uri,
+            label=r.label,
+            bytes=r.bytes,
+            status="rejected",
+            reason=r.reason,
+            extra={"message": r.message},
+        )
+        for r in rej
+    ]
+    rows.sort(key=lambda row: row.uri)
+    summary = summarise(rows, candidates_out, clusters, config)
+    return DedupResult(rows, clusters, candidates_out, summary)
+
+
+def summarise(
+    rows: Sequence[Row],
+    candidate_pairs: Sequence[tuple[str, str, int, float, bool]],
+    clusters: Sequence[dict[str, Any]],
+    config: DedupConfig,
+) -> dict[str, Any]:
+    """Counts for ``summary.json``; checks that kept + dropped + rejected = input.
+
+    Returns:
+        ``{"input", "kept", "dropped", "rejected", "by_reason", "per_label":
+        {label: {"before", "after", "dropped", "rejected"}}, "candidate_pairs",
+        "confirmed_pairs", "clusters", "exact_duplicate_groups", "conflict_clusters",
+        "review_flagged", "hash_recipe", "config"}``.
+    """
+    by_status = Counter(r.status for r in rows)
+    by_reason = Counter(r.reason for r in rows if r.status != "kept")
+    per_label: dict[str, dict[str, int]] = {}
+    for r in rows:
+        entry = per_label.setdefault(
+            r.label, {"before": 0, "after": 0, "dropped": 0, "rejected": 0}
+        )
+        entry["before"] += 1
+        entry["after" if r.status == "kept" else r.status] += 1
+    summary = {
+        "input": len(rows),
+        "kept": by_status.get("kept", 0),
+        "dropped": by_status.get("dropped", 0),
+        "rejected": by_status.get("rejected", 0),
+        "by_reason": dict(sorted(by_reason.items())),
+        "per_label": dict(sorted(per_label.items())),
+        "candidate_pairs": len(candidate_pairs),
+        "confirmed_pairs": sum(1 for p in candidate_pairs if p[4]),
+        "clusters": len(clusters),
+        "exact_duplicate_groups": sum(len(c["exact_groups"]) for c in clusters),
+        "conflict_clusters": sum(1 for c in clusters if c["conflict"]),
+        "review_flagged": sum(1 for r in rows if r.extra.get("review")),
+        "hash_recipe": config.recipe().key(),
+        "config": config_to_dict(config),
+    }
+    if summary["kept"] + summary["dropped"] + summary["rejected"] != summary["input"]:
+        raise DedupError(f"internal error: counts do not add up: {summary}")
+    return summary
+
+
+def run_local(
+    records: Sequence[ImageRecord], rejected: Sequence[Rejected], config: DedupConfig
+) -> DedupResult:
+    """Exact in-memory pair search plus :func:`decide`, for tests and small inputs."""
+    recs = sorted(records, key=lambda r: r.uri)
+    bits = config.recipe().bits
+    found = find_pairs(
+        hash_array([r.hash for r in recs], bits), config.threshold, max_bucket=config.max_bucket
+    )
+    pairs = [(recs[i].uri, recs[j].uri, d) for i, j, d in found.tolist()]
+    return decide(recs, rejected, pairs, config)

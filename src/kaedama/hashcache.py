@@ -1,0 +1,155 @@
+"""A hash cache so that re-running dedup on a grown dataset decodes only new files.
+
+Entries are keyed by ``(sha256 of the bytes, HashRecipe.key())``: the same bytes under
+another name or label hit the cache, and a hash made by another recipe (algorithm,
+size, decode path, imagehash or Pillow version) never does. The file is one ``.npz``
+(NumPy arrays, no pickle) written through :mod:`kaedama.storage`, so it can live
+next to the manifest on local disk or in a bucket.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from kaedama import storage
+from kaedama.errors import KaedamaError
+from kaedama.hashing import HashRecipe, hash_to_hex, hex_to_hash
+
+FORMAT_VERSION = 1
+
+
+class HashCacheError(KaedamaError):
+    """The cache file cannot be read; delete it to rebuild the cache on the next run."""
+
+
+class CachedHash(NamedTuple):
+    """What a cache hit gives back: everything hashing needs besides the bytes."""
+
+    width: int
+    height: int
+    hash: int
+    descriptor: bytes
+
+
+def _recipe_key(recipe: HashRecipe | str) -> str:
+    return recipe if isinstance(recipe, str) else recipe.key()
+
+
+class HashCache:
+    """In-memory map ``(sha256, recipe key) -> CachedHash`` with load/save to a URI.
+
+    ``hits`` and ``misses`` count :meth:`get` calls, for the run summary.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], CachedHash] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        sha, recipe = key
+        return (sha, _recipe_key(recipe)) in self._entries
+
+    def get(self, sha256: str, recipe: HashRecipe | str) -> CachedHash | None:
+        """The cached fingerprint of these bytes under this recipe, or None."""
+        hit = self._entries.get((sha256, _recipe_key(recipe)))
+        if hit is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return hit
+
+    def put(
+        self,
+        sha256: str,
+        recipe: HashRecipe | str,
+        width: int,
+        height: int,
+        hash: int,
+        descriptor: bytes,
+    ) -> None:
+        """Store one fingerprint (replacing any entry under the same key)."""
+        self._entries[(sha256, _recipe_key(recipe))] = CachedHash(
+            int(width), int(height), int(hash), bytes(descriptor)
+        )
+
+    def items(self) -> Iterator[tuple[tuple[str, str], CachedHash]]:
+        """All ``((sha256, recipe_key), CachedHash)`` entries, sorted by key."""
+        for key in sorted(self._entries):
+            yield key, self._entries[key]
+
+    def update(self, other: HashCache) -> None:
+        """Merge another cache into this one (e.g. per-worker caches after a run)."""
+        self._entries.update(other._entries)
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` encoding of the cache."""
+        keys = sorted(self._entries)
+        values = [self._entries[k] for k in keys]
+        descriptors = [v.descriptor for v in values]
+        offsets = np.cumsum([0] + [len(d) for d in descriptors], dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            version=np.array([FORMAT_VERSION], dtype=np.int64),
+            sha256=np.array([k[0] for k in keys], dtype=np.str_),
+            recipe=np.array([k[1] for k in keys], dtype=np.str_),
+            width=np.array([v.width for v in values], dtype=np.int64),
+            height=np.array([v.height for v in values], dtype=np.int64),
+            hash=np.array([hash_to_hex(v.hash, 4) for v in values], dtype=np.str_),
+            descriptor=np.frombuffer(b"".join(descriptors), dtype=np.uint8),
+            offsets=offsets,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, uri: str = "hash cache") -> HashCache:
+        """Decode what :meth:`to_bytes` wrote."""
+        cache = cls()
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                version = int(z["version"][0])
+                if version != FORMAT_VERSION:
+                    raise HashCacheError(
+                        f"{uri}: hash cache format {version} is not supported; delete it "
+                        "and it will be rebuilt"
+                    )
+                blob = z["descriptor"].tobytes()
+                offsets = z["offsets"].tolist()
+                for n, (sha, recipe, w, h, hx) in enumerate(
+                    zip(
+                        z["sha256"].tolist(),
+                        z["recipe"].tolist(),
+                        z["width"].tolist(),
+                        z["height"].tolist(),
+                        z["hash"].tolist(),
+                        strict=True,
+                    )
+                ):
+                    desc = blob[offsets[n] : offsets[n + 1]]
+                    cache._entries[(sha, recipe)] = CachedHash(w, h, hex_to_hash(hx), desc)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise HashCacheError(
+                f"{uri}: cannot read the hash cache ({exc}); delete it and it will be rebuilt"
+            ) from exc
+        return cache
+
+    @classmethod
+    def load(cls, uri: str) -> HashCache:
+        """Read a cache from a local path or gs:// URI; a missing file is an empty cache."""
+        if not storage.exists(uri):
+            return cls()
+        return cls.from_bytes(storage.read_bytes(uri), uri=uri)
+
+    def save(self, uri: str) -> None:
+        """Write the cache atomically to a local path or gs:// URI."""
+        storage.write_bytes(uri, self.to_bytes())

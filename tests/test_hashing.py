@@ -1,0 +1,220 @@
+"""Perceptual hashes (bit-compatible with imagehash), descriptors and the hash cache."""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from kaedama import images
+from kaedama.hashcache import HashCache, HashCacheError
+from kaedama.hashing import (
+    DESCRIPTOR_BYTES,
+    HASHERS,
+    HashingError,
+    HashRecipe,
+    descriptor,
+    descriptor_similarity,
+    hash_image_bytes,
+    hash_to_hex,
+    hex_to_hash,
+)
+
+IMAGEHASH = {
+    "phash": imagehash.phash,
+    "ahash": imagehash.average_hash,
+    "dhash": imagehash.dhash,
+    "whash": imagehash.whash,
+}
+
+
+def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(shared_datasets) -> list[bytes]:
+    """Six real photos (ants and bees, about 500 px)."""
+    paths = sorted((shared_datasets / "hymenoptera" / "val").glob("*/*.jpg"))
+    return [p.read_bytes() for p in paths[::25][:6]]
+
+
+@pytest.fixture(scope="module")
+def large_photo(photos) -> bytes:
+    """A 2000+ px JPEG upscaled from a real photo, so the reduced decode really reduces."""
+    img = images.decode(photos[0])
+    scale = 2400 / max(img.size)
+    big = img.resize(
+        (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
+    )
+    return _encode(big, quality=90)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("algorithm", sorted(HASHERS))
+@pytest.mark.parametrize("hash_size", [8, 16])
+def test_hashers_match_imagehash_bits(photos, algorithm, hash_size):
+    for data in photos[:3]:
+        img = images.decode(data)
+        reference = IMAGEHASH[algorithm](img, hash_size=hash_size)
+        ours = HASHERS[algorithm](img, hash_size)
+        assert hash_to_hex(ours, hash_size * hash_size) == str(reference)
+        assert ours.bit_length() <= hash_size * hash_size
+
+
+@pytest.mark.shared
+def test_full_decode_recipe_is_imagehash_on_the_shared_decoder(photos, large_photo):
+    recipe = HashRecipe(reduced_decode=False)
+    for data in [*photos, large_photo]:
+        record = hash_image_bytes("u", "l", data, recipe)
+        assert hash_to_hex(record.hash) == str(imagehash.phash(images.decode(data)))
+        info = images.probe(data)
+        assert (record.width, record.height) == (info.width, info.height)
+        assert record.bytes == len(data) and len(record.sha256) == 64
+
+
+@pytest.mark.shared
+def test_reduced_decode_stays_close_and_reports_full_size(large_photo, photos):
+    fast = hash_image_bytes("u", "l", large_photo, HashRecipe())
+    full = hash_image_bytes("u", "l", large_photo, HashRecipe(reduced_decode=False))
+    assert (fast.width, fast.height) == (full.width, full.height)
+    assert max(fast.width, fast.height) == 2400
+    assert (fast.hash ^ full.hash).bit_count() <= 2
+    assert descriptor_similarity(fast.descriptor, full.descriptor) > 0.99
+    # A PNG has no reduced decode: both recipes give the same bits.
+    png = _encode(images.decode(photos[1]), "PNG")
+    a = hash_image_bytes("u", "l", png, HashRecipe())
+    b = hash_image_bytes("u", "l", png, HashRecipe(reduced_decode=False))
+    assert a.hash == b.hash and a.descriptor == b.descriptor
+
+
+@pytest.mark.shared
+def test_transformed_copies_stay_near_and_distinct_photos_stay_far(photos):
+    recipe = HashRecipe()
+    originals = [hash_image_bytes("u", "l", d, recipe) for d in photos]
+    img = images.decode(photos[2])
+    w, h = img.size
+    variants = {
+        "half": img.resize((w // 2, h // 2), Image.Resampling.LANCZOS),
+        "brighter": ImageEnhance.Brightness(img).enhance(1.1),
+        "crop5": img.crop((w * 5 // 200, h * 5 // 200, w - w * 5 // 200, h - h * 5 // 200)),
+    }
+    for name, variant in {**variants, "q25": img}.items():
+        data = _encode(variant, quality=25 if name == "q25" else 90)
+        copy = hash_image_bytes("v", "l", data, recipe)
+        if name != "crop5":  # phash is not crop-invariant; bench_planted measures its recall
+            assert (copy.hash ^ originals[2].hash).bit_count() <= 4, name
+        assert descriptor_similarity(copy.descriptor, originals[2].descriptor) > 0.9, name
+    for i, a in enumerate(originals):
+        for b in originals[i + 1 :]:
+            assert (a.hash ^ b.hash).bit_count() > 10
+            assert descriptor_similarity(a.descriptor, b.descriptor) < 0.9
+
+
+def test_descriptor_signal_on_made_images():
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    img = Image.fromarray(pattern).resize((256, 256), Image.Resampling.BILINEAR)
+    d = descriptor(img)
+    assert len(d) == DESCRIPTOR_BYTES
+    brighter = Image.fromarray((np.asarray(img, dtype=np.float32) * 0.9).astype(np.uint8))
+    assert descriptor_similarity(d, descriptor(brighter)) > 0.99
+    # Same shapes in other colours: the colour-blind phash cannot tell, the descriptor can.
+    swapped = Image.fromarray(np.asarray(img)[:, :, ::-1].copy())
+    assert descriptor_similarity(d, descriptor(swapped)) < 0.9
+    white = descriptor(Image.new("RGB", (50, 50), "white"))
+    grey = descriptor(Image.new("RGB", (80, 30), (128, 128, 128)))
+    assert descriptor_similarity(white, grey) == 1.0
+    assert descriptor_similarity(white, d) <= 0.0
+
+
+def test_hex_round_trip_and_recipe_keys():
+    assert hash_to_hex(0xAB) == "00000000000000ab"
+    assert hash_to_hex(1, 256) == "0" * 63 + "1"
+    assert hex_to_hash(hash_to_hex(0xDEADBEEF12345678)) == 0xDEADBEEF12345678
+    fast, full = HashRecipe(), HashRecipe(reduced_decode=False)
+    assert fast.key() != full.key()
+    assert f"imagehash{imagehash.__version__}" in fast.key() and "pillow" in fast.key()
+    assert fast.key().startswith("phash8-draft") and full.key().startswith("phash8-full")
+    assert HashRecipe("dhash", 16).to_dict()["key"] == HashRecipe("dhash", 16).key()
+    with pytest.raises(HashingError):
+        HashRecipe("sha1")
+    with pytest.raises(HashingError):
+        HashRecipe("whash", 12)
+
+
+def test_unreadable_bytes_raise_image_error():
+    with pytest.raises(images.ImageError) as info:
+        hash_image_bytes("gs://b/x.jpg", "x", b"not an image at all", HashRecipe())
+    assert info.value.reason == "not_an_image" and info.value.uri == "gs://b/x.jpg"
+    with pytest.raises(images.ImageError):
+        hash_image_bytes(
+            "big.png",
+            "x",
+            _encode(Image.new("RGB", (300, 300)), "PNG"),
+            HashRecipe(),
+            max_pixels=1000,
+        )
+
+
+def _made_jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    return _encode(Image.fromarray(small).resize((320, 240), Image.Resampling.BICUBIC))
+
+
+def test_hash_cache_hits_and_recipe_isolation(tmp_path):
+    data = _made_jpeg(1)
+    recipe = HashRecipe()
+    cache = HashCache()
+    first = hash_image_bytes("a.jpg", "l", data, recipe, cache=cache, mtime=3.0)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+    uri = str(tmp_path / "cache" / "hashes.npz")
+    cache.save(uri)
+    loaded = HashCache.load(uri)
+    again = hash_image_bytes("b.jpg", "other", data, recipe, cache=loaded, mtime=3.0)
+    assert loaded.hits == 1 and loaded.misses == 0
+    assert (again.hash, again.descriptor, again.width, again.height) == (
+        first.hash,
+        first.descriptor,
+        first.width,
+        first.height,
+    )
+    assert again.uri == "b.jpg" and again.label == "other"
+    # Another recipe never reads this entry.
+    other = hash_image_bytes("b.jpg", "l", data, HashRecipe(reduced_decode=False), cache=loaded)
+    assert loaded.misses == 1 and len(loaded) == 2 and other.sha256 == first.sha256
+    assert HashCache.load(str(tmp_path / "missing.npz")).get(first.sha256, recipe) is None
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(HashCacheError, match="delete it"):
+        HashCache.load(str(tmp_path / "bad.npz"))
+
+
+def test_hash_cache_long_hashes_round_trip():
+    cache = HashCache()
+    long_hash = (1 << 255) | 77
+    cache.put("f" * 64, HashRecipe("phash", 16), 10, 20, long_hash, b"\x01\x02")
+    cache.put("e" * 64, "some-other-recipe", 1, 2, 0, b"")
+    back = HashCache.from_bytes(cache.to_bytes())
+    assert back.get("f" * 64, HashRecipe("phash", 16)) == (10, 20, long_hash, b"\x01\x02")
+    assert back.get("e" * 64, "some-other-recipe") == (1, 2, 0, b"")
+    assert list(back.items()) == list(cache.items())
+
+
+def test_hash_cache_on_gcs(gcs_bucket):
+    cache = HashCache()
+    record = hash_image_bytes("a.jpg", "l", _made_jpeg(2), HashRecipe(), cache=cache)
+    uri = f"{gcs_bucket}/dedup/hash_cache.npz"
+    cache.save(uri)
+    loaded = HashCache.load(uri)
+    assert loaded.get(record.sha256, HashRecipe()) == (
+        record.width,
+        record.height,
+        record.hash,
+        record.descriptor,
+    )
