@@ -84,14 +84,19 @@ class Splits:
 def derive_seed(*parts: int) -> int:
     """A stable seed from integers (seed, epoch, step, rank, ...), independent of hashing salt."""
     seq = np.random.SeedSequence([int(p) % 2**32 for p in parts])
-    return int(seq.generate_state(2, dtype=np.uint32).astype(np.uint64).view(np.uint64)[0]) % (
-        _SEED_LIMIT
-    )
+    return int(seq.generate_state(1, dtype=np.uint64)[0]) % _SEED_LIMIT
 
 
-def seed_everything(seed: int) -> None:
-    """Seed ``torch`` (all devices), Python ``random`` and ``numpy`` with one value."""
-    torch.manual_seed(seed)
+def seed_everything(seed: int, device: torch.device | None = None) -> None:
+    """Seed torch's CPU generator, Python ``random``, ``numpy`` and ``device``'s generator.
+
+    ``torch.manual_seed`` would also queue a seeding of every CUDA device, which
+    costs milliseconds per call before CUDA starts; data workers call this once
+    per sample, so only the generators actually drawn from are seeded.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
@@ -217,6 +222,10 @@ class EpochSampler(Sampler):
             equally likely).
         rank, world: this process's place among the data-parallel ranks.
         pad: pad to equal shard sizes (required for DDP training).
+        batch_size: the per-rank batch size for training; the epoch's order is then cut
+            to whole global batches (``batch_size * world`` items) when it holds at least
+            one, so every run with the same global batch sees the same batches whatever
+            the number of ranks.
     """
 
     def __init__(
@@ -229,6 +238,7 @@ class EpochSampler(Sampler):
         rank: int = 0,
         world: int = 1,
         pad: bool = True,
+        batch_size: int = 0,
     ):
         if balance not in BALANCE_MODES:
             raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
@@ -241,6 +251,7 @@ class EpochSampler(Sampler):
         self.rank = rank
         self.world = world
         self.pad = pad
+        self.batch_size = batch_size
         self.epoch = 0
         self.start = 0
 
@@ -275,10 +286,16 @@ class EpochSampler(Sampler):
             return torch.randperm(n, generator=g)
         return torch.arange(n)
 
+    def _whole_batches(self, n: int) -> int:
+        step = self.batch_size * self.world
+        return n - n % step if step and n >= step else n
+
     def _shard(self) -> tuple[torch.Tensor, torch.Tensor]:
         order = self.global_order()
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5EED))
         seeds = torch.randint(_SEED_LIMIT, (len(order),), generator=g)
+        keep = self._whole_batches(len(order))
+        order, seeds = order[:keep], seeds[:keep]
         if self.pad and self.world > 1 and len(order) % self.world:
             extra = self.world - len(order) % self.world
             # Repeat from the start of the order like DistributedSampler (wrapping when tiny).
@@ -297,6 +314,7 @@ class EpochSampler(Sampler):
         if self.balance == "oversample" and n:
             counts = torch.bincount(self.targets)
             n = int(counts.max()) * int((counts > 0).sum())
+        n = self._whole_batches(n)
         if self.pad and self.world > 1:
             per_rank = -(-n // self.world)
         else:

@@ -1,0 +1,83 @@
+"""``kaedama train MANIFEST --out DST``: fine-tune a timm model on a split manifest.
+
+The same arguments work for ``python -m kaedama.train`` (what ``torchrun`` and a
+Kubeflow TrainJob launch), so one command runs on one CPU, N GPUs or several nodes::
+
+    kaedama train data/split --out runs/r1 --model resnet18 --epochs 5
+    torchrun --nproc_per_node=2 -m kaedama.train data/split --out runs/r1 --set lr=0.02
+
+DST (local or ``gs://``) receives ``best.pt``, ``last.pt``, ``history.json``/``.csv``,
+``result.json``, TensorBoard logs under ``tb/``, and with ``--trials N`` one folder
+per trial plus ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from kaedama.commands.split import resolve_manifest
+from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
+from kaedama.errors import KaedamaError
+from kaedama.train.config import TrainConfig
+
+HELP = "Fine-tune a timm backbone on a split manifest (one CPU, GPUs, or torchrun nodes)."
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the train stage's arguments and one flag per :class:`TrainConfig` field."""
+    parser.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="a split manifest (.jsonl, or the split stage's output folder holding manifest.jsonl)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DST", help="output folder (local or gs://)"
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file with TrainConfig fields")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one TrainConfig field (repeatable); flags win over --set, --set over --config",
+    )
+    add_config_arguments(parser, TrainConfig)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: defaults < ``--config`` file < ``--set`` < flags."""
+    try:
+        return build_config(
+            TrainConfig, file=args.config, overrides=parse_overrides(args.set), args=args
+        )
+    except ConfigError as exc:
+        raise KaedamaError(f"{exc} (see 'kaedama train --help')") from exc
+
+
+def _summary(result: dict) -> str:
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    if "runs" in result:  # several trials
+        parts = [f"{result['trials']} trials"]
+        for key in ("best_val_acc", "test_acc"):
+            if key in result:
+                stats = result[key]
+                parts.append(f"{key} {pct(stats['mean'])} ± {pct(stats['std'])}")
+        return ", ".join(parts) + f" -> {result['out']}"
+    return (
+        f"best epoch {result['best_epoch']}: val_acc {pct(result['best_val_acc'])}, "
+        f"test_acc {pct(result.get('test_acc'))} -> {result['out']}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the config, train, and print a one-line summary (rank 0 only)."""
+    from kaedama.train.loop import train
+
+    cfg = config_from_args(args)
+    result = train(resolve_manifest(args.manifest), args.out, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_summary(result))
+    return 0

@@ -1,0 +1,783 @@
+"""The training loop: one readable loop for one CPU, one GPU, N GPUs and several nodes.
+
+``fit`` runs one training run; ``train`` runs ``cfg.trials`` of them with
+different seeds and summarises. Distributed runs are started by ``torchrun``
+(or a Kubeflow TrainJob, which sets the same variables): ``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` select DDP over
+gloo (CPU) or NCCL (GPU); without them the same code runs as one process.
+
+Every rank trains on its shard of each global batch; metrics are summed across
+ranks; only rank 0 writes checkpoints, history and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kaedama import storage
+from kaedama.config import config_to_dict
+from kaedama.errors import KaedamaError
+from kaedama.train import augment, optim
+from kaedama.train.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from kaedama.train.config import TrainConfig
+from kaedama.train.data import (
+    Batch,
+    EpochSampler,
+    Example,
+    ManifestDataset,
+    collate,
+    derive_seed,
+    load_splits,
+    seed_everything,
+)
+from kaedama.train.model import create_from_config, input_size, resolve_data_config, unwrap
+
+log = logging.getLogger(__name__)
+
+# Indices of the per-epoch metric sums (one tensor, so one all-reduce per epoch).
+LOSS, CORRECT, COUNT, SKIPPED = range(4)
+# Salts that keep the derived seeds of different uses apart.
+_INIT, _STEP, _MIX = 1, 2, 3
+
+
+class TrainError(KaedamaError):
+    """A training run cannot start or continue (bad device, incompatible resume, ...)."""
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among ``world`` processes and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this process initialised the process group (and tears it down)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        spec = f"cuda:{local_rank}"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise TrainError(f"device {spec!r} is not valid; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def init_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the process group described by torchrun's environment (if any) and pick a device.
+
+    The environment is read here, at call time: ``WORLD_SIZE`` > 1 means DDP with
+    ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``), NCCL on GPUs, gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, owns_group=owns)
+
+
+def close_runtime(rt: Runtime) -> None:
+    """Leave the process group if :func:`init_runtime` joined it."""
+    if rt.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum ``t`` over ranks (returns a new tensor; identity for one process)."""
+    t = t.clone()
+    if rt.distributed:
+        device = rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        moved = t.to(device)
+        dist.all_reduce(moved)
+        t = moved.to(t.device)
+    return t
+
+
+def all_gather(t: torch.Tensor, rt: Runtime) -> list[torch.Tensor]:
+    """Every rank's copy of ``t`` (on CPU), in rank order."""
+    if not rt.distributed:
+        return [t.cpu()]
+    device = rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    parts = [torch.empty_like(t, device=device) for _ in range(rt.world)]
+    dist.all_gather(parts, t.to(device))
+    return [p.cpu() for p in parts]
+
+
+def weights_fingerprint(model: nn.Module) -> torch.Tensor:
+    """Three float64 numbers that change with any weight: sum, sum of squares, ramp-weighted sum."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    return torch.stack([flat.sum(), (flat * flat).sum(), (flat * ramp).sum()])
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``cfg.amp`` on ``device`` (None = full precision)."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise TrainError("amp=fp16 needs a GPU; on CPU use amp=bf16 or amp=off")
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _progress(total: int, desc: str, rt: Runtime) -> tqdm:
+    # One bar per epoch on rank 0; silent in non-TTY logs (Kubernetes, CI).
+    return tqdm(
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (rt.is_main and sys.stderr.isatty()),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _loader(
+    examples: tuple[Example, ...],
+    transform: Callable,
+    sampler: EpochSampler,
+    cfg: TrainConfig,
+    rt: Runtime,
+    *,
+    draft: tuple[int, int],
+    drop_last: bool,
+) -> DataLoader:
+    dataset = ManifestDataset(examples, transform, max_pixels=cfg.max_pixels, draft=draft)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        pin_memory=rt.device.type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=cfg.workers > 0,
+    )
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader | None
+    steps_per_epoch: int
+
+
+def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> Loaders:
+    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order)."""
+    h, w = input_size(data_config)
+    # JPEGs decode at reduced size when much larger than needed: training keeps twice
+    # the input size (random crops still see native detail), evaluation the resize size.
+    train_draft = (2 * w, 2 * h)
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    eval_draft = (math.ceil(w / crop_pct), math.ceil(h / crop_pct))
+    sampler = EpochSampler(
+        [e.target for e in splits.train],
+        seed=cfg.seed,
+        balance=cfg.balance,
+        rank=rt.rank,
+        world=rt.world,
+        batch_size=cfg.batch_size,
+    )
+    # Full batches only (BatchNorm and DDP want equal, non-tiny batches) unless the
+    # shard is smaller than one batch.
+    drop_last = len(sampler) >= cfg.batch_size
+    train = _loader(
+        splits.train,
+        augment.build_train_transform(data_config, cfg),
+        sampler,
+        cfg,
+        rt,
+        draft=train_draft,
+        drop_last=drop_last,
+    )
+    steps = len(train)
+    if cfg.max_steps_per_epoch > 0:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    eval_transform = augment.build_eval_transform(data_config, cfg)
+
+    def eval_loader(examples: tuple[Example, ...]) -> DataLoader | None:
+        if not examples:
+            return None
+        order = EpochSampler(
+            [e.target for e in examples],
+            shuffle=False,
+            rank=rt.rank,
+            world=rt.world,
+            pad=False,
+        )
+        return _loader(examples, eval_transform, order, cfg, rt, draft=eval_draft, drop_last=False)
+
+    return Loaders(train, eval_loader(splits.val), eval_loader(splits.test), steps)
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the batch."""
+
+    model: nn.Module  # what the step calls: DDP- and/or compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    mixer: augment.BatchMixer
+    ema: optim.ModelEma | None
+    cfg: TrainConfig
+    rt: Runtime
+    dtype: torch.dtype | None
+    input_hw: tuple[int, int]
+    skipped_seen: set[str] = field(default_factory=set)
+
+
+def _to_device(batch: Batch, rt: Runtime, channels_last: bool):
+    images = batch.images.to(rt.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch.targets.to(rt.device, non_blocking=True)
+
+
+def _note_skipped(batch: Batch, ctx: StepContext) -> None:
+    for s in batch.skipped:
+        if s.uri not in ctx.skipped_seen:
+            ctx.skipped_seen.add(s.uri)
+            log.warning("skipping %s: %s", s.uri, s.reason)
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: DataLoader,
+    *,
+    epoch: int,
+    steps: int,
+    start_step: int = 0,
+    sums: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Train for one epoch (from ``start_step`` when resuming) and return this rank's sums.
+
+    Args:
+        ctx: model, optimiser, scheduler, ... (see :class:`StepContext`).
+        loader: the training loader, its sampler already set to ``epoch``.
+        epoch: 0-based epoch (seeds the step randomness).
+        steps: optimiser steps in the epoch.
+        start_step: steps already done in this epoch (mid-epoch resume).
+        sums: metric sums carried over from before a mid-epoch resume.
+        on_step: called as ``on_step(step_done, sums)`` after every step (checkpoints).
+
+    Returns:
+        float64 tensor ``[loss_sum, correct, count, skipped]`` for this rank.
+    """
+    cfg, rt = ctx.cfg, ctx.rt
+    ctx.model.train()
+    acc = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    if sums is not None:
+        acc += sums.to(rt.device)
+    fallback: Batch | None = None
+    bar = _progress(steps - start_step, f"epoch {epoch + 1}/{cfg.epochs}", rt)
+    step = start_step
+    for batch in loader:
+        if step >= steps:
+            break
+        _note_skipped(batch, ctx)
+        acc[SKIPPED] += len(batch.skipped)
+        weight = 1.0
+        if batch.images is None:
+            if not rt.distributed:
+                # Nothing to learn from; keep the LR schedule aligned with the step count.
+                ctx.scheduler.step()
+                step += 1
+                bar.update()
+                continue
+            # Every DDP rank must run the same number of backward passes: repeat the
+            # last good batch (or a blank one) with zero weight so this rank adds no gradient.
+            batch = fallback or Batch(
+                torch.zeros(2, 3, *ctx.input_hw), torch.zeros(2, dtype=torch.long), ()
+            )
+            weight = 0.0
+        fallback = batch
+        # Dropout, drop-path and mixing draw from seeds fixed by (seed, epoch, step, rank).
+        seed_everything(derive_seed(cfg.seed, epoch, step, rt.rank, _STEP), rt.device)
+        images, targets = _to_device(batch, rt, cfg.channels_last)
+        soft = None
+        if ctx.mixer.enabled:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, step, rt.rank, _MIX))
+            images, soft = ctx.mixer(images, targets, generator=gen)
+        with _autocast(rt.device, ctx.dtype):
+            logits = ctx.model(images)
+        if soft is not None:
+            loss = augment.soft_target_cross_entropy(logits, soft)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss * weight).backward()
+        if cfg.clip_grad > 0:
+            ctx.scaler.unscale_(ctx.optimizer)
+            optim.clip_gradients(ctx.model, cfg.clip_grad)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        ctx.scheduler.step()
+        if ctx.ema is not None:
+            ctx.ema.update(unwrap(ctx.model))
+        if weight:
+            n = targets.shape[0]
+            acc[LOSS] += loss.detach().double() * n
+            acc[CORRECT] += (logits.detach().argmax(-1) == targets).sum()
+            acc[COUNT] += n
+        step += 1
+        bar.update()
+        if not bar.disable and step % 10 == 0:
+            bar.set_postfix(loss=f"{float(acc[LOSS] / acc[COUNT].clamp(min=1)):.4f}")
+        if on_step is not None:
+            on_step(step, acc)
+    bar.close()
+    return acc
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    rt: Runtime,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``loader``, summed over ranks.
+
+    Pass the plain (or compiled) model, never the DDP wrapper: ranks evaluate shards
+    of different lengths and DDP's forward would wait for the others.
+
+    Returns:
+        ``{"loss", "acc", "images", "skipped"}``; loss and acc are None without images.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    seen: set[str] = set()
+    for batch in loader:
+        sums[SKIPPED] += len(batch.skipped)
+        for s in batch.skipped:
+            if s.uri not in seen:
+                seen.add(s.uri)
+                log.warning("skipping %s: %s", s.uri, s.reason)
+        if batch.images is None:
+            continue
+        images, targets = _to_device(batch, rt, channels_last)
+        with _autocast(rt.device, dtype):
+            logits = model(images)
+        sums[LOSS] += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        sums[CORRECT] += (logits.argmax(-1) == targets).sum()
+        sums[COUNT] += targets.shape[0]
+    sums = all_sum(sums, rt).cpu()
+    n = float(sums[COUNT])
+    return {
+        "loss": float(sums[LOSS]) / n if n else None,
+        "acc": float(sums[CORRECT]) / n if n else None,
+        "images": int(n),
+        "skipped": int(sums[SKIPPED]),
+    }
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class Board:
+    """TensorBoard scalars on rank 0, written locally and copied to ``gs://`` outputs."""
+
+    def __init__(self, out_uri: str, enabled: bool):
+        self.writer = None
+        self.remote = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if storage.is_gcs(out_uri):
+            # SummaryWriter writes local files only (gs:// needs TensorFlow); mirror them.
+            self.local = tempfile.mkdtemp(prefix="kaedama-tb-")
+            self.remote = storage.join(out_uri, "tb")
+        else:
+            self.local = os.path.join(out_uri, "tb")
+        self.writer = SummaryWriter(self.local)
+
+    def scalars(self, record: dict[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+        self.writer.flush()
+        if self.remote is not None:
+            for root, _, files in os.walk(self.local):
+                for name in files:
+                    path = os.path.join(root, name)
+                    rel = os.path.relpath(path, self.local)
+                    with open(path, "rb") as fh:
+                        storage.write_bytes(storage.join(self.remote, rel), fh.read())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self.remote is not None:
+                shutil.rmtree(self.local, ignore_errors=True)
+
+
+def write_history(out_uri: str, history: list[dict[str, Any]]) -> None:
+    """``history.json`` and ``history.csv``: one record per epoch."""
+    storage.write_text(storage.join(out_uri, "history.json"), json.dumps(history, indent=2))
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text(storage.join(out_uri, "history.csv"), buf.getvalue())
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> dict | None:
+    uri = storage.join(out_uri, LAST)
+    if not cfg.resume:
+        return None
+    if not storage.exists(uri):
+        log.info("no checkpoint at %s: starting from scratch", uri)
+        return None
+    state = load_checkpoint(uri)
+    if state.get("model_name") != cfg.model or tuple(state.get("classes", ())) != classes:
+        raise CheckpointError(
+            f"{uri} was written for model {state.get('model_name')!r} with "
+            f"{len(state.get('classes', ()))} classes, but this run trains {cfg.model!r} with "
+            f"{len(classes)}; use a fresh --out or drop --resume"
+        )
+    return state
+
+
+def fit(
+    manifest_uri: str,
+    out_uri: str,
+    cfg: TrainConfig,
+    *,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Train one model on the manifest's train split; keep ``best.pt`` and ``last.pt``.
+
+    Args:
+        manifest_uri: a split manifest (rows with split train/val/test and status kept).
+        out_uri: output folder, local or ``gs://``.
+        cfg: the training config (``cfg.trials`` is ignored here; see :func:`train`).
+        runtime: an already initialised runtime (else one is set up and torn down here).
+
+    Returns:
+        A JSON-friendly result: best epoch and validation accuracy, test accuracy,
+        history, class names and more (also written to ``result.json``).
+    """
+    rt = runtime or init_runtime(cfg)
+    try:
+        return _fit(manifest_uri, out_uri, cfg, rt)
+    finally:
+        if runtime is None:
+            close_runtime(rt)
+
+
+def _fit(manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+    started = time.perf_counter()
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise TrainError(f"epochs and batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
+    splits = load_splits(manifest_uri)
+    classes = splits.classes
+    if len(classes) < 2:
+        raise TrainError(f"need at least 2 classes to train a classifier, found {list(classes)}")
+    seed_everything(derive_seed(cfg.seed, _INIT), rt.device)  # same initial weights on every rank
+    model = create_from_config(cfg, len(classes))
+    data_config = resolve_data_config(model, cfg.img_size)
+    model.to(rt.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loaders = build_loaders(splits, data_config, cfg, rt)
+    if loaders.steps_per_epoch < 1:
+        raise TrainError("the training split yields no batch; lower --batch-size")
+    optimizer = optim.build_optimizer(model, cfg)
+    scheduler = optim.build_scheduler(optimizer, cfg, loaders.steps_per_epoch)
+    dtype = amp_dtype(cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
+    ema = optim.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    start_epoch, start_step, partial = 0, 0, None
+    best: dict[str, Any] = {"epoch": 0, "val_acc": None}
+    history: list[dict[str, Any]] = []
+    state = _resume_state(out_uri, cfg, classes)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        best, history = dict(state["best"]), list(state["history"])
+        if start_step and rt.is_main:
+            # Metric sums of the interrupted epoch (already summed over ranks).
+            partial = state["partial"]
+        log.info("resuming %s at epoch %d step %d", out_uri, start_epoch + 1, start_step)
+
+    net: nn.Module = torch.compile(model) if cfg.compile else model
+    train_model: nn.Module = net
+    if rt.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    mixer = augment.BatchMixer(cfg, len(classes))
+    ctx = StepContext(
+        train_model,
+        optimizer,
+        scheduler,
+        scaler,
+        mixer,
+        ema,
+        cfg,
+        rt,
+        dtype,
+        input_size(data_config),
+    )
+    eval_model = ema.module if ema is not None else net
+    board = Board(out_uri, enabled=rt.is_main)
+    meta = {
+        "model_name": cfg.model,
+        "classes": list(classes),
+        "data_config": data_config,
+        "config": config_to_dict(cfg),
+    }
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch_seconds = 0.0
+
+    def save_last(epoch: int, step: int, sums: torch.Tensor | None, seconds: float) -> None:
+        state = {
+            **meta,
+            "model": unwrap(model).state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "partial": {"sums": sums, "seconds": seconds} if sums is not None else None,
+            "best": best,
+            "history": history,
+            "seed": cfg.seed,
+            "world": rt.world,
+        }
+        save_checkpoint(storage.join(out_uri, LAST), state)
+
+    def on_step(epoch: int, t0: float) -> Callable[[int, torch.Tensor], None]:
+        def hook(step: int, sums: torch.Tensor) -> None:
+            n = cfg.checkpoint_every_steps
+            if n <= 0 or step % n or step >= loaders.steps_per_epoch:
+                return
+            total = all_sum(sums, rt).cpu()  # every rank reaches this step together
+            if rt.is_main:
+                save_last(epoch, step, total, epoch_seconds + time.perf_counter() - t0)
+            barrier(rt)
+
+        return hook
+
+    for epoch in range(start_epoch, cfg.epochs):
+        loaders.train.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
+        carried, epoch_seconds = None, 0.0
+        if partial is not None:
+            carried, epoch_seconds = partial["sums"], float(partial["seconds"])
+        t0 = time.perf_counter()
+        sums = train_one_epoch(
+            ctx,
+            loaders.train,
+            epoch=epoch,
+            steps=loaders.steps_per_epoch,
+            start_step=start_step,
+            sums=carried,
+            on_step=on_step(epoch, t0),
+        )
+        seconds = epoch_seconds + time.perf_counter() - t0
+        start_step, partial = 0, None
+        total = all_sum(sums, rt).cpu()
+        n = float(total[COUNT])
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(total[LOSS]) / n if n else None,
+            "train_acc": float(total[CORRECT]) / n if n else None,
+            "train_images": int(n),
+            "train_skipped": int(total[SKIPPED]),
+            "images_per_s": n / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if loaders.val is not None:
+            val = evaluate(
+                eval_model, loaders.val, rt, dtype=dtype, channels_last=cfg.channels_last
+            )
+            record.update(
+                val_loss=val["loss"],
+                val_acc=val["acc"],
+                val_images=val["images"],
+                val_skipped=val["skipped"],
+            )
+        history.append(record)
+        # Without a validation split the last epoch counts as the best one.
+        score = record.get("val_acc")
+        improved = score is None or best["val_acc"] is None or score > best["val_acc"]
+        if improved:
+            best = {"epoch": epoch + 1, "val_acc": score}
+            best_state = _state_copy(unwrap(eval_model))
+        if rt.is_main:
+            log.info(
+                "epoch %d/%d train_loss %s train_acc %s val_acc %s %.1f img/s",
+                epoch + 1,
+                cfg.epochs,
+                _fmt(record["train_loss"]),
+                _fmt(record["train_acc"]),
+                _fmt(record.get("val_acc")),
+                record["images_per_s"],
+            )
+            if improved:
+                save_checkpoint(
+                    storage.join(out_uri, BEST),
+                    {**meta, "model": best_state, "epoch": epoch + 1, "val_acc": best["val_acc"]},
+                )
+            save_last(epoch + 1, 0, None, 0.0)
+            write_history(out_uri, history)
+            board.scalars(record, epoch + 1)
+        barrier(rt)
+
+    result: dict[str, Any] = {
+        "out": out_uri,
+        "model": cfg.model,
+        "classes": list(classes),
+        "seed": cfg.seed,
+        "world_size": rt.world,
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["val_acc"],
+        "history": history,
+        # DDP keeps replicas identical; every rank's fingerprint of its final weights shows it.
+        "rank_fingerprints": [f.tolist() for f in all_gather(weights_fingerprint(model), rt)],
+    }
+    if loaders.test is not None:
+        if best_state is None:  # best epoch was before a resume: read its weights back
+            best_state = load_checkpoint(storage.join(out_uri, BEST))["model"]
+        test_model = unwrap(eval_model)
+        test_model.load_state_dict(best_state)
+        test = evaluate(test_model, loaders.test, rt, dtype=dtype, channels_last=cfg.channels_last)
+        result.update(
+            test_acc=test["acc"],
+            test_loss=test["loss"],
+            test_images=test["images"],
+            test_skipped=test["skipped"],
+        )
+    result["wall_seconds"] = time.perf_counter() - started
+    if rt.is_main:
+        storage.write_text(storage.join(out_uri, "result.json"), json.dumps(result, indent=2))
+    board.close()
+    barrier(rt)
+    return result
+
+
+def train(manifest_uri: str, out_uri: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg.trials`` training runs with seeds ``seed, seed+1, ...`` and summarise them.
+
+    One trial writes straight into ``out_uri``; several write ``trial-0``, ``trial-1``,
+    ... and a ``summary.json`` with the mean and standard deviation of the best
+    validation and the test accuracy.
+    """
+    if cfg.trials < 1:
+        raise TrainError(f"trials must be >= 1, got {cfg.trials}")
+    rt = init_runtime(cfg)
+    try:
+        if cfg.trials == 1:
+            return fit(manifest_uri, out_uri, cfg, runtime=rt)
+        results = [
+            fit(
+                manifest_uri,
+                storage.join(out_uri, f"trial-{i}"),
+                replace(cfg, seed=cfg.seed + i, trials=1),
+                runtime=rt,
+            )
+            for i in range(cfg.trials)
+        ]
+        summary: dict[str, Any] = {"out": out_uri, "trials": cfg.trials, "runs": results}
+        for key in ("best_val_acc", "test_acc"):
+            values = [r[key] for r in results if r.get(key) is not None]
+            if values:
+                summary[key] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "values": values,
+                }
+        if rt.is_main:
+            storage.write_text(storage.join(out_uri, "summary.json"), json.dumps(summary, indent=2))
+        return summary
+    finally:
+        close_runtime(rt)

@@ -1,0 +1,186 @@
+"""Models: any timm architecture by name, pretrained from the hub or a local/gs:// file.
+
+The model's own data config (input size, interpolation, mean/std, crop) drives
+preprocessing. It is resolved once here and saved with every checkpoint, so
+evaluation and serving preprocess exactly as training did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from kaedama import storage
+from kaedama.errors import KaedamaError
+from kaedama.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# The keys of timm's data config that preprocessing needs.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+class ModelError(KaedamaError):
+    """A model cannot be built (unknown name, weights not found or not loadable)."""
+
+
+@dataclass
+class TrainedModel:
+    """A trained classifier with everything needed to preprocess and label its inputs."""
+
+    model: nn.Module
+    classes: tuple[str, ...]
+    data_config: dict[str, Any]
+    model_name: str
+    config: dict[str, Any]
+
+
+def _check_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelError(
+        f"unknown timm model {name!r}.{hint} List names with "
+        "python -c \"import timm; print(timm.list_models('resnet*'))\""
+    )
+
+
+@contextlib.contextmanager
+def _local_copy(uri: str) -> Iterator[str]:
+    """A local path for ``uri``: itself when local, else a temporary download."""
+    if not storage.is_gcs(uri):
+        if not os.path.isfile(uri):
+            raise ModelError(f"pretrained weights file {uri!r} not found; check --pretrained-path")
+        yield uri
+        return
+    suffix = PurePosixPath(uri).suffix  # keep .safetensors so timm picks the right reader
+    with tempfile.TemporaryDirectory(prefix="kaedama-weights-") as tmp:
+        path = os.path.join(tmp, "weights" + suffix)
+        with open(path, "wb") as fh:
+            fh.write(storage.read_bytes(uri))
+        yield path
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    pretrained_path: str = "",
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """Build a timm model with a fresh ``num_classes`` head.
+
+    Args:
+        name: a timm model name (``timm.list_models()``).
+        num_classes: number of labels; the pretrained classifier is dropped when it differs.
+        pretrained: load pretrained weights from the hub (needs network or the HF cache).
+        pretrained_path: load pretrained weights from this local or ``gs://`` file
+            instead (a timm/torch state dict, a ``.safetensors`` file, or a kaedama
+            checkpoint); implies ``pretrained``.
+        drop_rate: dropout before the classifier.
+
+    Raises:
+        ModelError: unknown model name or weights that cannot be loaded.
+    """
+    _check_name(name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if pretrained_path:
+        with _local_copy(pretrained_path) as path:
+            try:
+                return timm.create_model(
+                    name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs
+                )
+            except (RuntimeError, KeyError, OSError, ValueError) as exc:
+                raise ModelError(
+                    f"cannot load pretrained weights for {name} from {pretrained_path}: {exc}. "
+                    "The file must hold weights of this same architecture."
+                ) from exc
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as exc:
+        if not pretrained:
+            raise
+        raise ModelError(
+            f"cannot fetch pretrained weights for {name} from the model hub ({exc}). "
+            "Offline? Download them once and pass --pretrained-path FILE, or check HF_HUB_OFFLINE."
+        ) from exc
+
+
+def create_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """:func:`create_model` with the fields of a :class:`TrainConfig`."""
+    return create_model(
+        cfg.model,
+        num_classes,
+        pretrained=cfg.pretrained or bool(cfg.pretrained_path),
+        pretrained_path=cfg.pretrained_path,
+        drop_rate=cfg.drop_rate,
+    )
+
+
+def resolve_data_config(model: nn.Module, img_size: int = 0) -> dict[str, Any]:
+    """The model's preprocessing config (timm's), with ``img_size`` as input size when > 0.
+
+    Returns a plain dict of JSON-friendly values (tuples become lists) so it can be
+    stored in checkpoints and JSON files and read back identically.
+    """
+    dc = timm.data.resolve_model_data_config(model)
+    if img_size > 0:
+        dc["input_size"] = (dc["input_size"][0], img_size, img_size)
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dc.items() if k in DATA_CONFIG_KEYS
+    }
+
+
+def input_size(data_config: dict[str, Any]) -> tuple[int, int]:
+    """``(height, width)`` of the model input."""
+    _, h, w = data_config["input_size"]
+    return int(h), int(w)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def load_trained(uri: str, *, device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild a trained model from a kaedama checkpoint (``best.pt`` or ``last.pt``).
+
+    Raises:
+        ModelError: the file is not a kaedama training checkpoint.
+    """
+    from kaedama.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(uri)
+    missing = [k for k in ("model", "model_name", "classes", "data_config") if k not in ckpt]
+    if missing:
+        raise ModelError(f"{uri} is not a kaedama training checkpoint (missing {missing})")
+    classes = tuple(ckpt["classes"])
+    model = create_model(ckpt["model_name"], len(classes))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return TrainedModel(
+        model=model,
+        classes=classes,
+        data_config=dict(ckpt["data_config"]),
+        model_name=ckpt["model_name"],
+        config=dict(ckpt.get("config", {})),
+    )

@@ -1,0 +1,446 @@
+"""The training loop end to end on real (rendered handwritten digit) images, on CPU.
+
+Tiny timm test models (random init) at 32 px keep every run to a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kaedama import cli, storage
+from kaedama.manifest import Row, list_image_folder, write_manifest
+from kaedama.train import augment
+from kaedama.train.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kaedama.train.config import TrainConfig
+from kaedama.train.data import EpochSampler, ManifestDataset, Skipped, collate, load_splits
+from kaedama.train.loop import fit
+from kaedama.train.model import ModelError, create_model, load_trained
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = TrainConfig(
+    model="test_resnet",
+    img_size=32,
+    epochs=1,
+    batch_size=16,
+    workers=0,
+    lr=0.05,
+    warmup_epochs=0.0,
+    color_jitter=0.0,
+    pca_noise=0.0,
+    random_erasing=0.0,
+    scale=(0.5, 1.0),
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the CI machine's cores are shared; two threads would thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def split_manifest(root: Path, path: Path, extra: list[Row] = ()) -> str:
+    """Manifest of every file under ``root``: per label, 70% train, 20% val, 10% test."""
+    rows = sorted(list_image_folder(str(root)), key=lambda r: r.uri)
+    seen: Counter[str] = Counter()
+    for row in rows:
+        k = seen[row.label] % 10
+        seen[row.label] += 1
+        row.split = "train" if k < 7 else "val" if k < 9 else "test"
+    write_manifest(str(path), [*rows, *extra])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, str]:
+    """Three Unicode-named classes of 30 real digit photos each, and their split manifest."""
+    from kaedama.fixtures import FixturesConfig, make_digits_folder
+
+    base = tmp_path_factory.mktemp("toy")
+    config = FixturesConfig(classes=("α", "β", "γ"), per_class=30, size=40).clean()
+    make_digits_folder(base / "img", config, progress=False)
+    return base, split_manifest(base / "img", base / "manifest.jsonl")
+
+
+def weights(model_state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for v in model_state.values() if v.is_floating_point()])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_splits_classes_sorted_and_rows_filtered(tmp_path):
+    rows = [
+        Row(uri="a", label="ζ", split="train"),
+        Row(uri="b", label="alpha", split="train"),
+        Row(uri="c", label="beta", split="train", status="dropped"),
+        Row(uri="d", label="alpha", split="val"),
+        Row(uri="e", label="unseen", split="test"),
+        Row(uri="f", label="ζ", split=""),
+    ]
+    write_manifest(str(tmp_path / "m.jsonl"), rows)
+    splits = load_splits(str(tmp_path / "m.jsonl"))
+    assert splits.classes == ("alpha", "ζ")
+    assert [e.uri for e in splits.train] == ["a", "b"]
+    assert [(e.uri, e.target) for e in splits.val] == [("d", 0)]
+    assert splits.test == ()
+    assert splits.unknown_labels == {"unseen": 1}
+
+
+def test_sampler_shards_cover_the_global_order_and_repeat_per_epoch():
+    targets = [i % 3 for i in range(23)]
+    one = EpochSampler(targets, seed=7)
+    one.set_epoch(4)
+    order = [i for i, _ in one]
+    assert sorted(order) == list(range(23))
+    shards = []
+    for rank in range(2):
+        s = EpochSampler(targets, seed=7, rank=rank, world=2)
+        s.set_epoch(4)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s) == 12
+    # Interleaving the ranks' shards gives back the 1-process order (plus one pad item).
+    merged = [item for pair in zip(*shards, strict=True) for item in pair]
+    assert [i for i, _ in merged][:23] == order
+    assert merged[:23] == list(one)
+    # Same epoch -> same order; another epoch -> another order.
+    again = EpochSampler(targets, seed=7)
+    again.set_epoch(4)
+    assert list(again) == list(one)
+    again.set_epoch(5)
+    assert [i for i, _ in again] != order
+    # With a batch size, the epoch is cut to whole global batches: 2 ranks x 5 = 1 x 10.
+    cut = [EpochSampler(targets, seed=7, rank=r, world=2, batch_size=5) for r in range(2)]
+    for s in cut:
+        s.set_epoch(4)
+    assert len(cut[0]) == len(cut[1]) == 10
+    assert sorted(i for s in cut for i, _ in s) == sorted(order[:20])
+    whole = EpochSampler(targets, seed=7, batch_size=10)
+    whole.set_epoch(4)
+    assert [i for i, _ in whole] == order[:20]
+    # Mid-epoch resume skips exactly the items already consumed.
+    again.set_epoch(4, start=10)
+    assert list(again) == list(one)[10:] and len(again) == 13
+
+
+@pytest.mark.parametrize("mode", ["oversample", "weighted"])
+def test_balanced_sampling_evens_out_classes(mode):
+    targets = [0] * 90 + [1] * 10
+    counts: Counter[int] = Counter()
+    for rank in range(2):
+        s = EpochSampler(targets, seed=1, balance=mode, rank=rank, world=2)
+        for epoch in range(5):
+            s.set_epoch(epoch)
+            counts.update(targets[i] for i, _ in s)
+    share = counts[1] / (counts[0] + counts[1])
+    assert 0.4 < share < 0.6, counts
+    if mode == "oversample":
+        s = EpochSampler(targets, balance=mode)
+        assert sorted(Counter(targets[i] for i, _ in s).values()) == [90, 90]
+
+
+def test_bad_images_are_skipped_not_raised(toy, tmp_path):
+    good = sorted(str(p) for p in (toy[0] / "img").rglob("*") if p.is_file())[:2]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "trunc.jpg").write_bytes(Path(good[0]).read_bytes()[:200])
+    bad = [str(tmp_path / n) for n in ("empty.jpg", "text.jpg", "trunc.jpg", "missing.jpg")]
+    from kaedama.train.data import Example
+
+    transform = augment.build_eval_transform(
+        {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    )
+    ds = ManifestDataset([Example(u, 0) for u in [good[0], *bad, good[1]]], transform)
+    items = [ds[i] for i in range(len(ds))]
+    assert [isinstance(it, Skipped) for it in items] == [False, True, True, True, True, False]
+    reasons = [it.reason for it in items if isinstance(it, Skipped)]
+    assert reasons[:2] == ["empty", "not_an_image"]
+    assert reasons[2] in ("truncated", "corrupt")
+    assert reasons[3].startswith("unreadable")
+    batch = collate(items)
+    assert batch.images.shape == (2, 3, 32, 32)
+    assert len(batch.skipped) == 4
+    assert collate(items[1:5]).images is None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_cli_one_epoch_end_to_end(toy, tmp_path, capsys):
+    _, manifest = toy
+    out = tmp_path / "run"
+    code = cli.main(
+        [
+            "train",
+            manifest,
+            "--out",
+            str(out),
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "32",
+            "--epochs",
+            "1",
+            "--workers",
+            "2",
+            "--batch-size",
+            "16",
+            "--set",
+            "lr=0.02",
+        ]
+    )
+    assert code == 0
+    assert "best epoch 1" in capsys.readouterr().out
+    for name in (BEST, LAST, "history.json", "history.csv", "result.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1
+    assert history[0]["train_images"] == 16 * (63 // 16)  # 63 train rows, full batches only
+    assert history[0]["val_images"] == 18 and history[0]["train_skipped"] == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["classes"] == ["α", "β", "γ"] and result["test_images"] == 9
+    assert 0.0 <= result["test_acc"] <= 1.0
+    assert "train_loss,train_acc" in (out / "history.csv").read_text().splitlines()[0]
+
+    trained = load_trained(str(out / BEST))
+    assert trained.classes == ("α", "β", "γ")
+    assert trained.model_name == "test_resnet"
+    assert trained.data_config["input_size"] == [3, 32, 32]
+    assert trained.config["lr"] == 0.02
+    logits = trained.model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 3)
+
+
+def test_loss_decreases_on_a_learnable_set(toy, tmp_path):
+    _, manifest = toy
+    cfg = replace(FAST, epochs=10, label_smoothing=0.0, hflip=0.0, scale=(0.8, 1.0))
+    result = fit(manifest, str(tmp_path / "run"), cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert (losses[-1] + losses[-2]) / 2 < 0.5 * losses[0], losses
+    assert result["best_val_acc"] > 0.5  # chance is 1/3
+
+
+def test_bad_images_skipped_and_counted_in_a_run(toy, tmp_path):
+    root, _ = toy
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    bad = [
+        Row(uri=str(tmp_path / "empty.jpg"), label="α", split="train"),
+        Row(uri=str(tmp_path / "text.png"), label="β", split="train"),
+        Row(uri=str(tmp_path / "gone.jpg"), label="γ", split="val"),
+    ]
+    manifest = split_manifest(root / "img", tmp_path / "m.jsonl", extra=bad)
+    cfg = replace(FAST, epochs=2, batch_size=13)
+    result = fit(manifest, str(tmp_path / "run"), cfg)
+    # 65 train rows -> 5 full batches of 13 = every row once per epoch, 2 of them bad.
+    assert [h["train_skipped"] for h in result["history"]] == [2, 2]
+    assert [h["train_images"] for h in result["history"]] == [63, 63]
+    assert [h["val_skipped"] for h in result["history"]] == [1, 1]
+    assert result["history"][0]["val_images"] == 18
+
+
+def test_mixing_ema_clipping_and_balancing_run(toy, tmp_path):
+    _, manifest = toy
+    cfg = replace(
+        FAST,
+        epochs=2,
+        max_steps_per_epoch=3,
+        mixup_prob=0.5,
+        cutmix_prob=0.5,
+        ema_decay=0.5,
+        clip_grad=1.0,
+        balance="oversample",
+    )
+    result = fit(manifest, str(tmp_path / "run"), cfg)
+    assert [h["train_images"] for h in result["history"]] == [48, 48]
+    assert all(h["train_loss"] > 0 for h in result["history"])
+    # The EMA weights are what gets evaluated and kept as best; they trail the trained ones.
+    best = load_checkpoint(str(tmp_path / "run" / BEST))
+    last = load_checkpoint(str(tmp_path / "run" / LAST))
+    assert best["epoch"] == result["best_epoch"]
+    assert last["ema"] is not None
+    if result["best_epoch"] == 2:
+        ema = {k.removeprefix("module."): v for k, v in last["ema"].items()}
+        assert torch.equal(weights(best["model"]), weights(ema))
+    assert not torch.equal(weights(best["model"]), weights(last["model"]))
+
+
+def test_trials_report_mean_and_std(toy, tmp_path):
+    _, manifest = toy
+    cfg = replace(FAST, trials=2, max_steps_per_epoch=2)
+    summary = fit_trials(manifest, tmp_path / "runs", cfg)
+    assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    values = summary["test_acc"]["values"]
+    assert len(values) == 2
+    assert summary["test_acc"]["mean"] == pytest.approx(sum(values) / 2)
+    assert (tmp_path / "runs" / "trial-1" / BEST).is_file()
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text())["trials"] == 2
+
+
+def fit_trials(manifest: str, out: Path, cfg: TrainConfig) -> dict:
+    from kaedama.train.loop import train
+
+    return train(manifest, str(out), cfg)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = create_model("test_resnet", 4)
+    state = {
+        "model": model.state_dict(),
+        "model_name": "test_resnet",
+        "classes": ["a", "b", "c", "d"],
+        "data_config": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+        "history": [{"epoch": 1, "val_acc": 0.5}],
+    }
+    uri = str(tmp_path / "sub" / BEST)
+    save_checkpoint(uri, state)
+    back = load_checkpoint(uri)
+    assert back["classes"] == state["classes"] and back["history"] == state["history"]
+    assert torch.equal(weights(back["model"]), weights(state["model"]))
+    trained = load_trained(uri)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(trained.model(x), model(x))
+
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a kaedama"):
+        load_checkpoint(str(tmp_path / "foreign.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_pretrained_from_a_local_file_resets_the_head(tmp_path):
+    source = create_model("test_resnet", 7)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("test_resnet", 3, pretrained_path=str(path))
+    head = model.get_classifier()
+    assert head.out_features == 3
+    src = source.state_dict()
+    backbone = [k for k in model.state_dict() if not k.startswith("fc.")]
+    assert len(backbone) > 10
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in backbone)
+    with pytest.raises(ModelError, match="unknown timm model"):
+        create_model("resnet_nonexistent_18", 3)
+    with pytest.raises(ModelError, match="not found"):
+        create_model("test_resnet", 3, pretrained_path=str(tmp_path / "absent.pth"))
+
+
+def _train_cmd(manifest: str, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kaedama.train",
+        manifest,
+        "--out",
+        str(out),
+        "--model",
+        "test_resnet",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "0.5",
+        "--checkpoint-every-steps",
+        "3",
+        *(f"--set={k}={getattr(FAST, k)}" for k in ("color_jitter", "pca_noise", "random_erasing")),
+        "--set=scale=0.5,1.0",
+        "--set=lr=0.01",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(toy, tmp_path):
+    """SIGKILL a run right after its first mid-epoch checkpoint; --resume must end identically."""
+    _, manifest = toy
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    straight = tmp_path / "straight"
+    cfg = replace(
+        FAST, batch_size=8, epochs=2, warmup_epochs=0.5, checkpoint_every_steps=3, lr=0.01
+    )
+    fit(manifest, str(straight), cfg)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(manifest, killed),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / LAST).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted = load_checkpoint(str(killed / LAST))
+    assert (interrupted["epoch"], interrupted["step"]) == (0, 3)
+
+    done = subprocess.run(
+        [*_train_cmd(manifest, killed), "--resume"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr
+    a = load_checkpoint(str(straight / LAST))
+    b = load_checkpoint(str(killed / LAST))
+    assert torch.allclose(weights(a["model"]), weights(b["model"]), atol=1e-5)
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-5)
+        assert ha["val_acc"] == pytest.approx(hb["val_acc"])
+        assert ha["train_images"] == hb["train_images"]
+
+
+def test_resume_refuses_a_different_model(toy, tmp_path):
+    _, manifest = toy
+    out = tmp_path / "run"
+    fit(manifest, str(out), replace(FAST, max_steps_per_epoch=1))
+    with pytest.raises(CheckpointError, match="use a fresh --out"):
+        fit(manifest, str(out), replace(FAST, model="test_convnext", resume=True))
+
+
+def test_gcs_manifest_and_output(toy, gcs_bucket, tmp_path):
+    root, _ = toy
+    rows = sorted(list_image_folder(str(root / "img")), key=lambda r: r.uri)
+    for i, row in enumerate(rows):
+        dst = f"{gcs_bucket}/img/{row.label}/{Path(row.uri).name}"
+        storage.write_bytes(dst, Path(row.uri).read_bytes())
+        row.uri = dst
+        row.split = "train" if i % 3 else "val"
+    write_manifest(f"{gcs_bucket}/m.jsonl", rows)
+    out = f"{gcs_bucket}/run"
+    result = fit(f"{gcs_bucket}/m.jsonl", out, replace(FAST, max_steps_per_epoch=2))
+    assert result["history"][0]["val_images"] == 30
+    assert load_trained(f"{out}/{BEST}").classes == ("α", "β", "γ")
+    assert storage.exists(f"{out}/history.csv")
+    assert storage.list_files(f"{out}/tb")
