@@ -104,6 +104,10 @@ class TrainConfig:
         metadata={"help": "refuse images larger than this (decompression bombs)"},
     )
     # Speed
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads per process (torch.set_num_threads); 0 = torch's default"},
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "mixed precision (GPU)"}
