@@ -1,0 +1,157 @@
+"""``kaedama dedup SRC --out DST``: the Beam dedup job, from the kaedama command line.
+
+SRC is an ImageFolder root (label = parent folder) or a CSV/JSONL list of
+``uri,label``; SRC and DST may be local or ``gs://``. The job (``beam/dedup.py``)
+runs on the DirectRunner in this process by default; ``--runner`` and
+``--beam-args`` hand any standard Beam options to other runners. DST receives
+``manifest.jsonl``, ``clusters.jsonl``, ``candidates.jsonl``, ``rejected.jsonl``,
+``summary.json``, ``report.html`` and ``cache/``; the summary table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+
+from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
+from kaedama.dedup import DedupConfig
+from kaedama.errors import KaedamaError
+
+HELP = (
+    "Hash images, find exact and near-duplicates and label conflicts; "
+    "write a manifest and a review page."
+)
+DEFAULT_THUMBNAIL = 128
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the dedup stage's arguments and one flag per :class:`DedupConfig` field."""
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        help="ImageFolder root (label = parent folder) or a .csv/.jsonl list of uri,label",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DST", help="output folder (local or gs://)"
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="URI",
+        help="hash cache file to reuse and update, e.g. shared by several datasets "
+        "(default: DST/cache/hashes-<recipe>.npz)",
+    )
+    parser.add_argument(
+        "--materialize",
+        metavar="PREFIX",
+        help="copy (never move) the kept images to PREFIX/<label>/<file>",
+    )
+    parser.add_argument(
+        "--thumbnail-size",
+        type=int,
+        default=DEFAULT_THUMBNAIL,
+        metavar="PX",
+        help=f"review page thumbnail size (default: {DEFAULT_THUMBNAIL})",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file with DedupConfig fields")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one DedupConfig field (repeatable)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the same steps without Beam, in this process with a pool of worker "
+        "processes (local paths only; identical outputs; faster on one machine)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--in-process: worker processes for hashing (default: one per core)",
+    )
+    beam = parser.add_argument_group("Beam runner")
+    beam.add_argument(
+        "--runner",
+        help="Beam runner: DataflowRunner, FlinkRunner, SparkRunner, DirectRunner, ... "
+        "(default: the DirectRunner's batch engine, in this process)",
+    )
+    beam.add_argument(
+        "--direct-num-workers",
+        type=int,
+        metavar="N",
+        help="DirectRunner: parallel workers (0 = one per core)",
+    )
+    beam.add_argument(
+        "--direct-running-mode",
+        choices=["in_memory", "multi_threading", "multi_processing"],
+        help="DirectRunner: how workers run (multi_processing uses several cores)",
+    )
+    beam.add_argument(
+        "--beam-args",
+        action="append",
+        default=[],
+        metavar="'ARGS'",
+        help="more Beam pipeline options, quoted, e.g. --beam-args '--project p --region "
+        "europe-west1 --temp_location gs://b/tmp --setup_file ./pyproject.toml' (repeatable)",
+    )
+    add_config_arguments(parser, DedupConfig)
+
+
+def pipeline_args(args: argparse.Namespace) -> list[str]:
+    """The Beam options given on the command line, in Beam's own syntax."""
+    out: list[str] = []
+    if args.runner:
+        out.append(f"--runner={args.runner}")
+    if args.direct_num_workers is not None:
+        out.append(f"--direct_num_workers={args.direct_num_workers}")
+    if args.direct_running_mode:
+        out.append(f"--direct_running_mode={args.direct_running_mode}")
+    for chunk in args.beam_args:
+        out.extend(shlex.split(chunk))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the Beam job and print the summary table."""
+    try:
+        config = build_config(
+            DedupConfig, file=args.config, overrides=parse_overrides(args.set), args=args
+        )
+    except ConfigError as exc:
+        raise KaedamaError(f"{exc}; see 'kaedama dedup --help'") from exc
+    try:
+        # The job lives in the deployable layer; import it only when the stage runs.
+        from beam.dedup import JobPaths, default_cache_uri, run_in_process, run_job
+    except ModuleNotFoundError as exc:
+        raise KaedamaError(
+            f"the dedup job needs Apache Beam and kaedama's beam package ({exc}); "
+            "install kaedama with the 'beam' extra: pip install 'kaedama[beam]'"
+        ) from exc
+    from kaedama.report import format_summary
+
+    if not getattr(args, "verbose", False):
+        # Beam logs every string type hint and runner detail at INFO.
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+    paths = JobPaths(
+        input=args.src,
+        output=args.out,
+        cache=args.cache or default_cache_uri(args.out, config),
+        materialize=args.materialize or "",
+        thumbnail_size=args.thumbnail_size,
+    )
+    beam_options = pipeline_args(args)
+    if args.in_process:
+        if beam_options:
+            raise KaedamaError("--in-process runs without Beam; drop the Beam runner options")
+        summary = run_in_process(paths, config, workers=args.workers)
+    else:
+        summary = run_job(paths, config, beam_options)
+    print(format_summary(summary))
+    print(f"\nmanifest, clusters and review page: {args.out}")
+    return 0

@@ -1,0 +1,350 @@
+"""Beam TestPipeline tests of each dedup transform (beam/dedup.py) on the DirectRunner."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from beam import dedup as job
+from kaedama import storage
+from kaedama.dedup import DedupConfig, Rejected, decide
+from kaedama.hashcache import HashCache
+from kaedama.hashing import hash_image_bytes
+from kaedama.images import REASONS, ImageError
+from kaedama.manifest import read_manifest
+from kaedama.neighbors import brute_force_pairs, hash_array
+from tests.test_images import png_header_only
+
+# The DirectRunner's batch engine, without Beam 2.77's attempt to download Prism first.
+RUNNER = job.DEFAULT_RUNNER
+
+
+def _pipeline() -> BeamTestPipeline:
+    return BeamTestPipeline(runner=RUNNER)
+
+
+def _photo(seed: int, size: int = 64) -> Image.Image:
+    """A distinct smooth random picture (an 8x8 random grid, upscaled)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _write(root: Path, rel: str, data: bytes) -> str:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A unicode-labelled folder with an exact copy, a near copy, a cross-label copy and bad files.
+
+    Returns the root and ``{relative path: expected rejected reason}`` for the bad files.
+    """
+    root = tmp_path / "src"
+    jpeg = _encode(_photo(1), "JPEG", quality=92)
+    _write(root, "猫/a.jpg", jpeg)
+    _write(root, "猫/a copy.jpg", jpeg)  # exact duplicate
+    _write(root, "猫/a-small.png", _encode(_photo(1).resize((32, 32))))  # near duplicate
+    _write(root, "猫/b", _encode(_photo(2), "JPEG", quality=90))  # JPEG without extension
+    _write(root, "犬 dog/c.png", _encode(_photo(3)))
+    _write(root, "犬 dog/a.jpg", jpeg)  # cross-label copy
+    _write(root, "犬 dog/d.webp", _encode(_photo(4), "WEBP"))
+    # One file for each of the decoder's reasons.
+    bad = {
+        "犬 dog/empty.jpg": "empty",
+        "猫/notes.jpg": "not_an_image",
+        "猫/cut.jpg": "truncated",
+        "猫/damaged.png": "corrupt",
+        "猫/lab.tif": "unsupported_mode",
+        "犬 dog/huge.png": "too_large",
+    }
+    assert set(bad.values()) == set(REASONS)
+    _write(root, "犬 dog/empty.jpg", b"")
+    _write(root, "猫/notes.jpg", "これは画像ではない\n".encode())
+    _write(root, "猫/cut.jpg", _encode(_photo(5, 128), "JPEG", quality=95)[:900])
+    damaged = bytearray(_encode(_photo(6)))
+    damaged[20] ^= 0xFF  # inside IHDR: its CRC no longer matches
+    _write(root, "猫/damaged.png", bytes(damaged))
+    _write(root, "猫/lab.tif", _encode(Image.new("LAB", (4, 4)), "TIFF"))
+    _write(root, "犬 dog/huge.png", png_header_only(30000, 30000))  # 900 MP announced
+    return root, bad
+
+
+def test_list_inputs_folder_every_file_with_parent_label(small_folder):
+    root, _ = small_folder
+    expected = [(str(p), p.parent.name) for p in sorted(root.rglob("*")) if p.is_file()]
+    with _pipeline() as p:
+        listed = p | job.ListInputs(str(root))
+        assert_that(listed, equal_to(expected))
+    assert len(expected) == 13
+
+
+def test_list_inputs_csv_list_with_unicode_uris(tmp_path, small_folder):
+    root, _ = small_folder
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        f"uri,label\n{root / '猫/a.jpg'},ねこ\n犬 dog/c.png,いぬ\n", encoding="utf-8"
+    )
+    # Relative URIs resolve against the list's folder.
+    (tmp_path / "犬 dog").mkdir()
+    with _pipeline() as p:
+        listed = p | job.ListInputs(str(listing))
+        assert_that(
+            listed,
+            equal_to([(str(root / "猫/a.jpg"), "ねこ"), (str(tmp_path / "犬 dog/c.png"), "いぬ")]),
+        )
+
+
+def test_read_and_hash_tags_every_bad_file_with_the_decoder_reason(small_folder):
+    root, bad = small_folder
+    items = [(str(p), p.parent.name) for p in sorted(root.rglob("*")) if p.is_file()]
+    missing = str(root / "猫" / "gone.jpg")
+    items.append((missing, "猫"))
+    config = DedupConfig()
+    with _pipeline() as p:
+        out = p | beam.Create(items) | job.ReadAndHash(config)
+        assert_that(
+            out.records | "RecordUris" >> beam.Map(lambda r: (r.uri, r.label)),
+            equal_to([i for i in items if i[0] not in {str(root / b) for b in bad} | {missing}]),
+            label="records",
+        )
+        assert_that(
+            out[job.REJECTED] | beam.Map(lambda r: (r.uri, r.reason)),
+            equal_to(
+                [(str(root / rel), reason) for rel, reason in bad.items()]
+                + [(missing, job.UNREADABLE)]
+            ),
+            label="rejected",
+        )
+
+
+def test_read_and_hash_uses_the_cache_instead_of_decoding(tmp_path, small_folder):
+    root, _ = small_folder
+    config = DedupConfig()
+    recipe = config.recipe()
+    path = root / "猫" / "a.jpg"
+    real = hash_image_bytes(str(path), "猫", path.read_bytes(), recipe)
+    # A cache entry with a made-up hash proves the record came from the cache.
+    cache = HashCache()
+    cache.put(real.sha256, recipe, 7, 9, 12345, real.descriptor)
+    cache_uri = str(tmp_path / "cache.npz")
+    cache.save(cache_uri)
+    with _pipeline() as p:
+        out = p | beam.Create([(str(path), "猫")]) | job.ReadAndHash(config, cache_uri)
+        assert_that(
+            out.records | beam.Map(lambda r: (r.hash, r.width, r.height, r.sha256)),
+            equal_to([(12345, 7, 9, real.sha256)]),
+        )
+
+
+def test_exact_groups_and_identical_pairs():
+    records = [
+        ("s1", 5, "gs://b/x/1.jpg"),
+        ("s1", 5, "gs://b/y/2.jpg"),
+        ("s1", 5, "gs://b/x/0.jpg"),
+        ("s2", 6, "gs://b/x/3.jpg"),
+    ]
+    with _pipeline() as p:
+        recs = p | beam.Create(records) | beam.Map(lambda t: _Rec(uri=t[2], sha256=t[0], hash=t[1]))
+        groups = recs | job.ExactGroups()
+        assert_that(
+            groups,
+            equal_to(
+                [
+                    ("s1", 5, ("gs://b/x/0.jpg", "gs://b/x/1.jpg", "gs://b/y/2.jpg")),
+                    ("s2", 6, ("gs://b/x/3.jpg",)),
+                ]
+            ),
+            label="groups",
+        )
+        assert_that(
+            groups | beam.FlatMap(job._identical_pairs),
+            equal_to(
+                [
+                    ("gs://b/x/0.jpg", "gs://b/x/1.jpg", 0),
+                    ("gs://b/x/0.jpg", "gs://b/y/2.jpg", 0),
+                    ("gs://b/x/1.jpg", "gs://b/y/2.jpg", 0),
+                ]
+            ),
+            label="pairs",
+        )
+
+
+class _Rec:
+    """The three record fields ExactGroups reads (a stand-in for ImageRecord)."""
+
+    def __init__(self, uri: str, sha256: str, hash: int) -> None:
+        self.uri, self.sha256, self.hash = uri, sha256, hash
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 6])
+def test_near_candidates_match_brute_force_and_report_each_pair_once(threshold):
+    rnd = random.Random(threshold)
+    hashes = []
+    for _ in range(60):
+        base = rnd.getrandbits(64)
+        hashes.append(base)
+        # Plant neighbours at every distance up to threshold + 2, so misses and
+        # false hits at the boundary would both show.
+        for d in range(threshold + 3):
+            flipped = base
+            for bit in rnd.sample(range(64), d):
+                flipped ^= 1 << bit
+            hashes.append(flipped)
+    groups = [(f"sha{i:04d}", h, (f"u{i:04d}",)) for i, h in enumerate(hashes)]
+    # One group stands for two identical files: its pairs expand to both URIs.
+    groups[0] = ("sha0000", hashes[0], ("u0000", "u0000b"))
+    expected = []
+    for i, j, d in brute_force_pairs(hash_array(hashes, 64), threshold).tolist():
+        for a in groups[i][2]:
+            for b in groups[j][2]:
+                expected.append((min(a, b), max(a, b), d))
+    assert expected, "the planted neighbours must give pairs"
+    with _pipeline() as p:
+        found = p | beam.Create(groups) | job.NearCandidates(threshold, 64, 5000)
+        # equal_to compares multisets: a pair found in two buckets would fail here.
+        assert_that(found, equal_to(expected))
+
+
+def _records(root: Path, config: DedupConfig):
+    recs, rejected = [], []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        try:
+            recs.append(hash_image_bytes(str(path), path.parent.name, data, config.recipe()))
+        except ImageError as exc:
+            rejected.append(
+                Rejected(str(path), path.parent.name, exc.reason, exc.message, len(data))
+            )
+    return recs, rejected
+
+
+def test_decide_transform_equals_the_core_decision(small_folder):
+    root, _ = small_folder
+    config = DedupConfig(conflict_policy="majority")
+    recs, rejected = _records(root, config)
+    pairs = [
+        (a.uri, b.uri, (a.hash ^ b.hash).bit_count()) for a in recs for b in recs if a.uri < b.uri
+    ]
+    pairs = [t for t in pairs if t[2] <= config.threshold]
+    want = decide(recs, rejected, pairs, config)
+    with _pipeline() as p:
+        result = {
+            "records": p | "R" >> beam.Create(recs),
+            "rejected": p | "X" >> beam.Create(rejected),
+            "pairs": p | "P" >> beam.Create(pairs),
+        } | job.Decide(config)
+        assert_that(
+            result | beam.Map(lambda r: ([row.to_json() for row in r.rows], r.clusters)),
+            equal_to([([row.to_json() for row in want.rows], want.clusters)]),
+        )
+
+
+def test_whole_job_writes_every_output_and_accounts_for_every_file(tmp_path, small_folder):
+    root, bad = small_folder
+    out = tmp_path / "out"
+    config = DedupConfig()
+    paths = job.JobPaths(
+        input=str(root), output=str(out), cache=job.default_cache_uri(str(out), config)
+    )
+    with _pipeline() as p:
+        job.build_pipeline(p, paths, config)
+    manifest = read_manifest(str(out / job.MANIFEST_NAME))
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert sorted(r.uri for r in manifest.rows) == files
+    assert manifest.header["hash_recipe"] == config.recipe().key()
+    by_uri = {r.uri: r for r in manifest.rows}
+    for rel, reason in bad.items():
+        assert by_uri[str(root / rel)].status == "rejected"
+        assert by_uri[str(root / rel)].reason == reason
+    assert by_uri[str(root / "猫/b")].status == "kept"  # a JPEG without extension is an image
+    # The exact copy and the near copy go, one of the 猫 group stays... unless the
+    # cross-label copy made the whole cluster a label conflict (drop_all).
+    assert {by_uri[str(root / r)].reason for r in ("猫/a.jpg", "犬 dog/a.jpg")} == {
+        "label_conflict"
+    }
+    summary = json.loads((out / job.SUMMARY_NAME).read_text("utf-8"))
+    assert summary["kept"] + summary["dropped"] + summary["rejected"] == summary["input"] == 13
+    assert summary["rejected"] == len(bad)
+    assert summary["hash_cache"]["decoded"] > 0
+    clusters = [
+        json.loads(line) for line in (out / job.CLUSTERS_NAME).read_text("utf-8").splitlines()
+    ]
+    assert len(clusters) == summary["clusters"] >= 1
+    rejected = [
+        json.loads(line) for line in (out / job.REJECTED_NAME).read_text("utf-8").splitlines()
+    ]
+    assert {r["reason"] for r in rejected} == set(bad.values())
+    html = (out / job.REPORT_NAME).read_text("utf-8")
+    assert html.count("data-cluster=") == len(clusters)
+    assert storage.exists(paths.cache)
+    candidates = (out / job.CANDIDATES_NAME).read_text("utf-8").splitlines()
+    assert len(candidates) == summary["candidate_pairs"]
+
+
+def test_output_inside_the_input_is_refused(small_folder):
+    root, _ = small_folder
+    paths = job.JobPaths(input=str(root), output=str(root / "out"))
+    with pytest.raises(job.DedupJobError, match="overlaps the input"):
+        job.check_paths(paths)
+    with pytest.raises(job.DedupJobError, match="overlaps the input"):
+        job.check_paths(job.JobPaths(str(root), "/elsewhere", materialize=str(root)))
+
+
+def test_in_process_engine_refuses_gcs_paths(tmp_path):
+    paths = job.JobPaths(input="gs://bucket/data", output=str(tmp_path / "out"))
+    with pytest.raises(job.DedupJobError, match="local paths only"):
+        job.run_in_process(paths, DedupConfig())
+
+
+def test_cli_hands_beam_options_through():
+    from kaedama import cli
+    from kaedama.commands.dedup import pipeline_args
+
+    parser = cli.build_parser("dedup")
+    args = parser.parse_args(
+        [
+            "dedup",
+            "gs://b/data",
+            "--out",
+            "gs://b/out",
+            "--runner",
+            "DataflowRunner",
+            "--beam-args",
+            "--project p --region europe-west1 --setup_file ./pyproject.toml",
+            "--beam-args=--temp_location=gs://b/tmp",
+            "--threshold",
+            "6",
+        ]
+    )
+    assert pipeline_args(args) == [
+        "--runner=DataflowRunner",
+        "--project",
+        "p",
+        "--region",
+        "europe-west1",
+        "--setup_file",
+        "./pyproject.toml",
+        "--temp_location=gs://b/tmp",
+    ]
+    assert args.threshold == "6"
