@@ -19,7 +19,7 @@ import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kaedama import storage
@@ -62,13 +62,15 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        extra = out.pop("extra")
-        out.update(extra)
+        """A flat dict for one JSON line: the fields, then the extra columns."""
+        # Shallow on purpose: dataclasses.asdict deep-copies and dominates large writes.
+        out = {name: getattr(self, name) for name in _FIELD_NAMES}
+        out.update(self.extra)
         return out
 
 
 _FIELDS = {f.name: f for f in fields(Row) if f.name != "extra"}
+_FIELD_NAMES = tuple(_FIELDS)
 _INT_FIELDS = ("bytes", "width", "height")
 _REQUIRED = ("uri", "label")
 
