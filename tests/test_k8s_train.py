@@ -39,3 +39,20 @@ def test_gpu_overlay_asks_for_four_processes_and_gpus():
     trainer = job["spec"]["trainer"]
     assert trainer["numProcPerNode"] == 4
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda p: p.name)
+def test_trainjob_args_are_a_valid_kaedama_train_command_line(target):
+    import argparse
+
+    from kaedama.commands import train as command
+
+    job = kustomize(target)[0]
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    args = parser.parse_args(job["spec"]["trainer"]["args"])
+    cfg = command.config_from_args(args)
+    assert args.manifest.startswith("gs://") and args.out.startswith("gs://")
+    # Preemptible pods restart the same command: it must resume, not start over.
+    assert cfg.resume is True
+    assert (cfg.model, cfg.pretrained) == ("resnet50", True)
