@@ -127,17 +127,22 @@ def row_from_dict(data: Any, *, uri: str | None = None, line: int | None = None)
     return row
 
 
-def parse_manifest(text: str, *, uri: str | None = None) -> Manifest:
-    """Parse manifest text; every problem names its line."""
-    header: dict[str, Any] = {}
-    rows: list[Row] = []
+def _iter_json_lines(text: str, uri: str | None) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, decoded value) for each non-blank JSON line."""
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            data = json.loads(raw)
+            yield number, json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"not valid JSON ({exc.msg})", uri=uri, line=number) from exc
+
+
+def parse_manifest(text: str, *, uri: str | None = None) -> Manifest:
+    """Parse manifest text; every problem names its line."""
+    header: dict[str, Any] = {}
+    rows: list[Row] = []
+    for number, data in _iter_json_lines(text, uri):
         if isinstance(data, dict) and HEADER_KEY in data:
             if rows or header:
                 raise ManifestError("the header must be the first line", uri=uri, line=number)
@@ -215,16 +220,9 @@ def list_image_folder(root: str) -> list[Row]:
 
 def _iter_list_records(text: str, uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if uri.lower().endswith((".jsonl", ".json", ".ndjson")):
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"not valid JSON ({exc.msg})", uri=uri, line=number) from exc
-            if isinstance(data, dict) and HEADER_KEY in data:
-                continue
-            yield number, data
+        for number, data in _iter_json_lines(text, uri):
+            if not (isinstance(data, dict) and HEADER_KEY in data):
+                yield number, data
         return
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
