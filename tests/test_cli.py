@@ -86,3 +86,12 @@ def test_bad_values_are_clear_errors(overrides, message):
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])
+
+
+def test_a_bad_set_value_is_a_clean_error_naming_the_help(tmp_path, capsys):
+    code = cli.main(["split", str(tmp_path / "m.jsonl"), "--out", str(tmp_path), "--set", "x=1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unknown SplitConfig field 'x'" in err
+    assert "kaedama split --help" in err
+    assert "Traceback" not in err

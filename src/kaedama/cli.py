@@ -79,12 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return NOT_BUILT_EXIT
+    from kaedama.config import ConfigError
     from kaedama.errors import KaedamaError
 
     try:
         return int(module.run(args) or 0)
     except KaedamaError as exc:
-        print(f"kaedama {args.stage}: error: {exc}", file=sys.stderr)
+        hint = f" (see 'kaedama {args.stage} --help')" if isinstance(exc, ConfigError) else ""
+        print(f"kaedama {args.stage}: error: {exc}{hint}", file=sys.stderr)
         return 1
 
 

@@ -120,6 +120,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         group.add_argument(flag, type=str if origin in (tuple, list) else None, **kwargs)
 
 
+def add_stage_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config FILE``, repeatable ``--set KEY=VALUE`` and one flag per field of ``cls``."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file with {cls.__name__} fields")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help=f"override one {cls.__name__} field (repeatable); flags win over --set, "
+        "--set over --config",
+    )
+    add_config_arguments(parser, cls)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:
+    """The stage config from arguments added by :func:`add_stage_arguments`.
+
+    Precedence: defaults < ``--config`` file < ``--set`` < explicit flags < ``fixed``.
+    """
+    return build_config(
+        cls,
+        file=getattr(args, "config", None),
+        overrides=parse_overrides(getattr(args, "set", None) or []),
+        args=args,
+        **fixed,
+    )
+
+
 def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
     """Turn ``["lr=0.1", "model=resnet18"]`` into a dict, with a clear error on bad syntax."""
     out: dict[str, str] = {}

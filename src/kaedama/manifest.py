@@ -27,6 +27,9 @@ from kaedama.errors import KaedamaError
 
 FORMAT_VERSION = 1
 HEADER_KEY = "kaedama_manifest"
+# The file name every stage writes its manifest under, inside its output folder.
+MANIFEST_NAME = "manifest.jsonl"
+_MANIFEST_SUFFIXES = (".jsonl", ".json", ".ndjson")
 STATUSES = ("kept", "dropped", "rejected")
 SPLITS = ("train", "val", "test")
 
@@ -160,6 +163,14 @@ def parse_manifest(text: str, *, uri: str | None = None) -> Manifest:
             continue
         rows.append(row_from_dict(data, uri=uri, line=number))
     return Manifest(header=header, rows=rows)
+
+
+def resolve_manifest(uri: str) -> str:
+    """A manifest URI: ``uri`` itself, or ``uri/manifest.jsonl`` when given a stage's folder."""
+    if uri.lower().endswith(_MANIFEST_SUFFIXES):
+        return uri
+    inner = storage.join(uri, MANIFEST_NAME)
+    return inner if storage.exists(inner) else uri
 
 
 def read_manifest(uri: str) -> Manifest:

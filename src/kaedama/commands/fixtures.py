@@ -6,14 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kaedama.config import (
-    ConfigError,
-    add_config_arguments,
-    build_config,
-    config_to_dict,
-    parse_overrides,
-)
-from kaedama.errors import KaedamaError
+from kaedama.config import add_stage_arguments, config_from_args, config_to_dict
 
 HELP = "Generate a labeled image folder from real handwritten digits, with planted dirt."
 
@@ -28,26 +21,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="",
         help="where to write the ground truth JSON (default: OUT.truth.json next to OUT)",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with FixturesConfig fields")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override a config field (repeatable)",
-    )
-    add_config_arguments(parser, FixturesConfig)
+    add_stage_arguments(parser, FixturesConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from kaedama.fixtures import FixturesConfig, make_digits_folder
 
-    try:
-        config = build_config(
-            FixturesConfig, file=args.config, overrides=parse_overrides(args.set), args=args
-        )
-    except ConfigError as exc:
-        raise KaedamaError(f"bad fixtures configuration: {exc}") from exc
+    config = config_from_args(FixturesConfig, args)
     out = Path(args.out)
     truth_path = Path(args.truth) if args.truth else out.parent / f"{out.name}.truth.json"
     truth = make_digits_folder(out, config)

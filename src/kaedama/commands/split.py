@@ -13,16 +13,20 @@ import json
 import sys
 
 from kaedama import storage
-from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
-from kaedama.manifest import Manifest, read_manifest, write_manifest
-from kaedama.split import SplitConfig, SplitError, format_table, read_similarity, split_rows
+from kaedama.config import add_stage_arguments, config_from_args
+from kaedama.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    read_manifest,
+    resolve_manifest,
+    write_manifest,
+)
+from kaedama.split import SplitConfig, format_table, read_similarity, split_rows
 
 HELP = (
     "Split a cleaned manifest into train/val/test: stratified, cluster-aware, stable as data grows."
 )
-MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "split_summary.json"
-_MANIFEST_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # The leakage report can be long; the terminal gets the first few, the summary has all.
 MAX_PRINTED_LEAKS = 20
 
@@ -54,23 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="an earlier manifest (e.g. a frozen test set); new images that duplicate its test "
         "images are forced into test or dropped (repeat for several)",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with SplitConfig fields")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override one SplitConfig field (repeatable)",
-    )
-    add_config_arguments(parser, SplitConfig)
-
-
-def resolve_manifest(uri: str) -> str:
-    """A manifest URI: ``uri`` itself, or ``uri/manifest.jsonl`` when given a folder."""
-    if uri.lower().endswith(_MANIFEST_SUFFIXES):
-        return uri
-    inner = storage.join(uri, MANIFEST_NAME)
-    return inner if storage.exists(inner) else uri
+    add_stage_arguments(parser, SplitConfig)
 
 
 def _read(uri: str) -> Manifest:
@@ -79,12 +67,7 @@ def _read(uri: str) -> Manifest:
 
 def run(args: argparse.Namespace) -> int:
     """Read, split, write, and print the per-label table; warnings go to stderr."""
-    try:
-        config = build_config(
-            SplitConfig, file=args.config, overrides=parse_overrides(args.set), args=args
-        )
-    except ConfigError as exc:
-        raise SplitError(f"{exc}; see 'kaedama split --help'") from exc
+    config = config_from_args(SplitConfig, args)
     manifest = _read(args.manifest)
     previous = _read(args.previous) if args.previous else None
     references = {uri: _read(uri) for uri in args.reference}
