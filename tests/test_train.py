@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kaedama import cli, storage
-from kaedama.manifest import Row, list_image_folder, write_manifest
+from kaedama.manifest import Row, list_image_folder, read_manifest, write_manifest
 from kaedama.train import augment
 from kaedama.train.checkpoint import (
     BEST,
@@ -30,7 +30,7 @@ from kaedama.train.checkpoint import (
 )
 from kaedama.train.config import TrainConfig
 from kaedama.train.data import EpochSampler, ManifestDataset, Skipped, collate, load_splits
-from kaedama.train.loop import fit
+from kaedama.train.loop import Preempted, StopSignal, fit, init_runtime
 from kaedama.train.model import ModelError, create_model, load_trained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,6 +231,47 @@ def test_cli_one_epoch_end_to_end(toy, tmp_path, capsys):
     assert logits.shape == (2, 3)
 
 
+def test_trains_on_the_manifest_of_the_dedup_and_split_stages(tmp_path, capsys):
+    """The demo's pipeline: a dirty fixtures folder -> kaedama dedup -> kaedama split -> train.
+
+    The dedup manifest marks the planted corrupt files as rejected and the duplicates as
+    dropped, so training reads only kept rows and never meets an unreadable image.
+    """
+    data, dedup, split, out = (tmp_path / n for n in ("data", "dedup", "split", "run"))
+    assert cli.main(["fixtures", str(data), "--per-class", "16", "--classes", "a,b,c"]) == 0
+    if cli.main(["dedup", str(data), "--out", str(dedup), "--in-process", "--workers", "1"]):
+        pytest.fail(capsys.readouterr().err[-2000:])
+    assert cli.main(["split", str(dedup / "manifest.jsonl"), "--out", str(split)]) == 0
+    code = cli.main(
+        [
+            "train",
+            str(split),  # the split stage's folder is accepted as well as its manifest
+            "--out",
+            str(out),
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err[-2000:]
+    rows = read_manifest(str(split / "manifest.jsonl")).rows
+    kept = Counter(r.split for r in rows if r.status == "kept")
+    assert {r.status for r in rows} >= {"kept", "rejected"}  # corrupt files were planted
+    result = json.loads((out / "result.json").read_text())
+    assert result["classes"] == ["a", "b", "c"]
+    history = result["history"][0]
+    assert history["train_skipped"] == history["val_skipped"] == result["test_skipped"] == 0
+    assert history["train_images"] == kept["train"] - kept["train"] % 4
+    assert history["val_images"] == kept["val"] and result["test_images"] == kept["test"]
+
+
 def test_loss_decreases_on_a_learnable_set(toy, tmp_path):
     _, manifest = toy
     cfg = replace(FAST, epochs=10, label_smoothing=0.0, hflip=0.0, scale=(0.8, 1.0))
@@ -301,6 +342,55 @@ def fit_trials(manifest: str, out: Path, cfg: TrainConfig) -> dict:
     from kaedama.train.loop import train
 
     return train(manifest, str(out), cfg)
+
+
+def test_threads_field_sets_torch_threads():
+    from kaedama.commands import train as command
+
+    parser = __import__("argparse").ArgumentParser()
+    command.configure(parser)
+    cfg = command.config_from_args(parser.parse_args(["m.jsonl", "--out", "o", "--threads", "3"]))
+    assert cfg.threads == 3
+    init_runtime(cfg)
+    assert torch.get_num_threads() == 3
+    init_runtime(replace(cfg, threads=0))  # 0 leaves torch's setting alone
+    assert torch.get_num_threads() == 3
+
+
+def _bn_stats(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        k: v
+        for k, v in state.items()
+        if k.startswith(prefix) and k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))
+    }
+
+
+def test_frozen_backbone_keeps_batchnorm_statistics(toy, tmp_path):
+    _, manifest = toy
+    source = create_model("test_resnet", 7)
+    gen = torch.Generator().manual_seed(0)
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # stats a training batch would move
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen))
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    cfg = replace(
+        FAST,
+        pretrained_path=str(tmp_path / "pretrained.pth"),
+        freeze_until="layer2",
+        epochs=2,
+        max_steps_per_epoch=2,
+    )
+    fit(manifest, str(tmp_path / "run"), cfg)
+    before, after = source.state_dict(), load_checkpoint(str(tmp_path / "run" / LAST))["model"]
+    frozen = {k: v for p in ("bn1.", "layer1.", "layer2.") for k, v in _bn_stats(after, p).items()}
+    assert len(frozen) >= 9  # stem + layer1 + layer2 batch norms, 3 buffers each
+    for key, value in frozen.items():
+        assert torch.equal(value, before[key]), key
+    # The trained part's BatchNorm layers did update their statistics (the test can fail).
+    trained = _bn_stats(after, "layer4.")
+    assert trained and all(int(v) == 4 for k, v in trained.items() if "num_batches" in k)
+    assert not torch.equal(after["layer4.0.bn1.running_mean"], before["layer4.0.bn1.running_mean"])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -381,44 +471,131 @@ def _train_cmd(manifest: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_kill_and_resume_matches_an_uninterrupted_run(toy, tmp_path):
-    """SIGKILL a run right after its first mid-epoch checkpoint; --resume must end identically."""
-    _, manifest = toy
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    straight = tmp_path / "straight"
-    cfg = replace(
-        FAST, batch_size=8, epochs=2, warmup_epochs=0.5, checkpoint_every_steps=3, lr=0.01
-    )
-    fit(manifest, str(straight), cfg)
+STEPPED = replace(
+    FAST, batch_size=8, epochs=2, warmup_epochs=0.5, checkpoint_every_steps=3, lr=0.01
+)  # what _train_cmd runs: 7 steps per epoch, a checkpoint every 3
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _train_cmd(manifest, killed),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (killed / LAST).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted = load_checkpoint(str(killed / LAST))
-    assert (interrupted["epoch"], interrupted["step"]) == (0, 3)
 
-    done = subprocess.run(
-        [*_train_cmd(manifest, killed), "--resume"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stderr
-    a = load_checkpoint(str(straight / LAST))
-    b = load_checkpoint(str(killed / LAST))
+@pytest.fixture(scope="module")
+def straight(toy, tmp_path_factory) -> Path:
+    """The uninterrupted run that killed-and-resumed runs of _train_cmd must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    # One thread like the subprocesses (module fixtures run before the autouse one_thread).
+    before = torch.get_num_threads()
+    try:
+        fit(toy[1], str(out), replace(STEPPED, threads=1))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_checkpoint(str(a_dir / LAST)), load_checkpoint(str(b_dir / LAST))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
     assert torch.allclose(weights(a["model"]), weights(b["model"]), atol=1e-5)
     for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-5)
         assert ha["val_acc"] == pytest.approx(hb["val_acc"])
         assert ha["train_images"] == hb["train_images"]
+
+
+def _start_and_signal(manifest: str, out: Path, sig: int) -> tuple[int, str]:
+    """Start _train_cmd, send ``sig`` right after its first mid-epoch checkpoint; (code, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    log = out.with_suffix(".log")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            _train_cmd(manifest, out), env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+        deadline = time.monotonic() + 120
+        while not (out / LAST).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+    return code, log.read_text()
+
+
+def _resume(manifest: str, out: Path) -> None:
+    """Resume in this process (what the CLI's --resume sets; saves a second interpreter start)."""
+    fit(manifest, str(out), replace(STEPPED, resume=True))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(toy, straight, tmp_path):
+    """SIGKILL a run right after its first mid-epoch checkpoint; --resume must end identically."""
+    _, manifest = toy
+    killed = tmp_path / "killed"
+    code, _ = _start_and_signal(manifest, killed, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted = load_checkpoint(str(killed / LAST))
+    assert (interrupted["epoch"], interrupted["step"]) == (0, 3)
+    _resume(manifest, killed)
+    _same_run(straight, killed)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resumes(toy, straight, tmp_path):
+    """Kubernetes' SIGTERM: finish the step, write last.pt, exit 143; --resume ends identically."""
+    _, manifest = toy
+    stopped = tmp_path / "stopped"
+    code, stderr = _start_and_signal(manifest, stopped, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-2000:]
+    state = load_checkpoint(str(stopped / LAST))
+    # Stopped at a step boundary at or after the step-3 checkpoint that triggered the signal.
+    assert (0, 3) <= (state["epoch"], state["step"]) < (2, 0)
+    where = f"at epoch {state['epoch'] + 1} step {state['step']}" if state["step"] else "after"
+    assert f"stopped by SIGTERM {where}" in stderr and "--resume" in stderr
+    _resume(manifest, stopped)
+    _same_run(straight, stopped)
+
+
+class StopAtPoll(StopSignal):
+    """Reports SIGTERM from its n-th poll on, as a signal landing at a chosen point would."""
+
+    def __init__(self, poll: int):
+        super().__init__()
+        self.left = poll
+
+    def received(self) -> int:
+        self.left -= 1
+        return signal.SIGTERM if self.left <= 0 else super().received()
+
+
+@pytest.mark.parametrize(
+    ("poll", "position"),
+    [
+        (2, (0, 1)),  # polled before each step: stop before step 2 of epoch 1
+        (4, (0, 3)),  # polled after the epoch's last step: stop before evaluating
+        (5, (1, 0)),  # polled after evaluation and the epoch checkpoint
+    ],
+)
+def test_stop_request_checkpoints_and_resume_completes_identically(toy, tmp_path, poll, position):
+    _, manifest = toy
+    cfg = replace(FAST, epochs=2)  # 63 train images / 16: 3 steps per epoch
+    fit(manifest, str(tmp_path / "straight"), cfg)
+    out = tmp_path / "stopped"
+    with pytest.raises(Preempted) as info:
+        fit(manifest, str(out), cfg, stop=StopAtPoll(poll))
+    assert (info.value.epoch, info.value.step) == position
+    assert info.value.exit_code == 143 and "--resume" in str(info.value)
+    state = load_checkpoint(str(out / LAST))
+    assert (state["epoch"], state["step"]) == position
+    assert len(state["history"]) == position[0]
+    result = fit(manifest, str(out), replace(cfg, resume=True))
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    _same_run(tmp_path / "straight", out)
+
+
+def test_stop_signal_handlers():
+    """First signal: recorded, no exception; second: the previous handler runs; then restored."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_resume_refuses_a_different_model(toy, tmp_path):

@@ -9,12 +9,19 @@ Kubeflow TrainJob launch), so one command runs on one CPU, N GPUs or several nod
 DST (local or ``gs://``) receives ``best.pt``, ``last.pt``, ``history.json``/``.csv``,
 ``result.json``, TensorBoard logs under ``tb/``, and with ``--trials N`` one folder
 per trial plus ``summary.json``.
+
+SIGTERM (what Kubernetes sends before killing a pod) or Ctrl-C stops the run at the
+next step: ``last.pt`` is written, the command exits with 128 + the signal number
+(143, 130) and the same command with ``--resume`` continues exactly where it stopped.
+A second signal ends the process at once. Under ``torchrun``, the launcher forwards
+SIGTERM to every worker; the ranks agree on the step to stop at.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from kaedama.commands.split import resolve_manifest
 from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
@@ -73,11 +80,21 @@ def _summary(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the config, train, and print a one-line summary (rank 0 only)."""
-    from kaedama.train.loop import train
+    """Build the config, train, and print a one-line summary (rank 0 only).
+
+    Returns 0, or ``128 + signal`` (143 for SIGTERM) when a stop signal ended the run
+    early after writing a resumable checkpoint.
+    """
+    from kaedama.train.loop import Preempted, train
 
     cfg = config_from_args(args)
-    result = train(resolve_manifest(args.manifest), args.out, cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(resolve_manifest(args.manifest), args.out, cfg)
+    except Preempted as exc:
+        if main:
+            print(f"kaedama train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if main:
         print(_summary(result))
     return 0

@@ -5,7 +5,9 @@ An output folder holds two checkpoints:
 ``last.pt``
     Everything to continue a killed run: model (and EMA) weights, optimiser,
     scheduler and AMP scaler states, the epoch and step reached, the best result
-    so far and the history. Randomness needs no saved generator states: every
+    so far and the history. Written after every epoch, every
+    ``checkpoint_every_steps`` steps, and at the step where SIGTERM/SIGINT stopped
+    the run (same format: a step position ``step > 0`` means mid-epoch). Randomness needs no saved generator states: every
     random draw is seeded from ``(seed, epoch, step, rank)`` (see
     :mod:`kaedama.train.data`), so the counters restore it exactly.
 ``best.pt``

@@ -8,6 +8,15 @@ gloo (CPU) or NCCL (GPU); without them the same code runs as one process.
 
 Every rank trains on its shard of each global batch; metrics are summed across
 ranks; only rank 0 writes checkpoints, history and TensorBoard logs.
+
+Before every step the ranks exchange three integers over a CPU (gloo) group: how many
+readable images each holds and whether any received SIGTERM or SIGINT. The first makes
+the update exactly that of one process on the whole global batch even when images
+are skipped (a rank whose whole shard is unreadable contributes a zero-weight pass,
+and a step where no rank has an image is skipped by all). The second lets every rank
+stop at the same step: on a stop signal (Kubernetes sends SIGTERM before killing a pod)
+the run finishes the current step, writes a resumable ``last.pt`` and raises
+:class:`Preempted` (exit code 128 + signal number: 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,10 +70,32 @@ log = logging.getLogger(__name__)
 LOSS, CORRECT, COUNT, SKIPPED = range(4)
 # Salts that keep the derived seeds of different uses apart.
 _INIT, _STEP, _MIX = 1, 2, 3
+# Signals that stop a run at the next step with a resumable checkpoint (first = preferred).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainError(KaedamaError):
     """A training run cannot start or continue (bad device, incompatible resume, ...)."""
+
+
+class Preempted(KaedamaError):
+    """The run stopped on SIGTERM/SIGINT after writing a resumable ``last.pt``.
+
+    Attributes:
+        signum: the signal received (by at least one rank).
+        exit_code: ``128 + signum``, the shell's code for death by that signal
+            (143 for SIGTERM, 130 for SIGINT), so schedulers see an interrupted job.
+        epoch, step: the position saved in ``last.pt`` (completed epochs, steps into the next).
+    """
+
+    def __init__(self, signum: int, epoch: int, step: int, checkpoint: str):
+        self.signum, self.epoch, self.step = signum, epoch, step
+        self.exit_code = 128 + signum
+        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch + 1} step {step}"
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} {where}; {checkpoint} holds the state: "
+            "run the same command with --resume to continue"
+        )
 
 
 # --------------------------------------------------------------------------- runtime
@@ -77,6 +110,9 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # this process initialised the process group (and tears it down)
+    # Group for the per-step host-side exchange: a gloo group beside NCCL so that it
+    # never waits for the GPU stream; None = the default (already gloo) group.
+    cpu_group: Any = None
 
     @property
     def distributed(self) -> bool:
@@ -107,6 +143,8 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     The environment is read here, at call time: ``WORLD_SIZE`` > 1 means DDP with
     ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``), NCCL on GPUs, gloo on CPU.
     """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,11 +152,21 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, owns_group=owns)
+    owns, cpu_group = False, None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            owns = True
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo")  # collective: every rank creates it
+    return Runtime(
+        rank=rank,
+        world=world,
+        local_rank=local_rank,
+        device=device,
+        owns_group=owns,
+        cpu_group=cpu_group,
+    )
 
 
 def close_runtime(rt: Runtime) -> None:
@@ -158,6 +206,76 @@ def weights_fingerprint(model: nn.Module) -> torch.Tensor:
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
+
+
+def consensus(good: int, signum: int, rt: Runtime) -> tuple[int, int]:
+    """This step's readable images over all ranks, and the stop signal any rank received.
+
+    One all-reduce of three integers over the CPU group, so it never waits for a GPU.
+
+    Args:
+        good: readable images in this rank's batch.
+        signum: the stop signal this rank received (0 = none).
+
+    Returns:
+        ``(images over all ranks, signal)``: SIGTERM if any rank got it, else SIGINT if
+        any got that, else 0. Every rank gets the same answer, so all stop together.
+    """
+    if not rt.distributed:
+        return good, signum
+    t = torch.tensor([good, *(int(signum == sig) for sig in STOP_SIGNALS)], dtype=torch.int64)
+    dist.all_reduce(t, group=rt.cpu_group)
+    received = [sig for sig, n in zip(STOP_SIGNALS, t[1:].tolist(), strict=True) if n]
+    return int(t[0]), int(received[0]) if received else 0
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class StopSignal:
+    """While entered, SIGTERM/SIGINT only record a request to stop at the next step.
+
+    The loop polls :meth:`received` before every step (through :func:`consensus`, so
+    all ranks agree) and stops cleanly. A second signal is not held back: the previous handler is put back
+    and the signal raised again (kill -TERM twice, or Ctrl-C twice, ends the process now).
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def received(self) -> int:
+        """The stop signal received so far (0 = none); the loop polls this once per step."""
+        return self.signum
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # No logging here: a handler runs between two bytecodes of the main thread,
+        # possibly inside a logging call; the loop reports the request when it sees it.
+        if self.signum:
+            previous = self._previous.get(signum)
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C reaches the whole process group, but only the main
+    process should react (it stops at a step boundary); a worker dying on it would abort
+    the loader before the checkpoint is written. Workers still exit with their parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -209,6 +327,7 @@ def _loader(
         pin_memory=rt.device.type == "cuda",
         drop_last=drop_last,
         persistent_workers=cfg.workers > 0,
+        worker_init_fn=_ignore_sigint if cfg.workers > 0 else None,
     )
 
 
@@ -286,6 +405,16 @@ class StepContext:
     dtype: torch.dtype | None
     input_hw: tuple[int, int]
     skipped_seen: set[str] = field(default_factory=set)
+    stop: StopSignal = field(default_factory=StopSignal)  # polled before every step
+
+
+@dataclass
+class EpochProgress:
+    """What :func:`train_one_epoch` did: this rank's metric sums and where it stopped."""
+
+    sums: torch.Tensor  # float64 [loss_sum, correct, count, skipped]
+    steps_done: int  # steps of the epoch completed (== steps unless stopped)
+    stopped: int  # the signal on which all ranks stopped before finishing the epoch (0 = none)
 
 
 def _to_device(batch: Batch, rt: Runtime, channels_last: bool):
@@ -302,6 +431,63 @@ def _note_skipped(batch: Batch, ctx: StepContext) -> None:
             log.warning("skipping %s: %s", s.uri, s.reason)
 
 
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    """``model.train()``, keeping the BatchNorm layers of a frozen backbone in eval mode.
+
+    Frozen layers must also keep their running statistics; in train mode BatchNorm
+    would re-estimate them from the fine-tuning batches.
+    """
+    model.train()
+    if cfg.freeze_until:
+        optim.eval_frozen_norms(unwrap(model))
+
+
+@contextmanager
+def _inert(model: nn.Module, cfg: TrainConfig):
+    # A zero-weight pass must leave no trace: no BatchNorm statistics either.
+    model.eval()
+    try:
+        yield
+    finally:
+        set_train_mode(model, cfg)
+
+
+def _step(
+    ctx: StepContext, batch: Batch, *, epoch: int, step: int, weight: float, acc: torch.Tensor
+) -> None:
+    """One optimiser step on ``batch``, its loss scaled by ``weight`` (0 = contribute nothing)."""
+    cfg, rt = ctx.cfg, ctx.rt
+    # Dropout, drop-path and mixing draw from seeds fixed by (seed, epoch, step, rank).
+    seed_everything(derive_seed(cfg.seed, epoch, step, rt.rank, _STEP), rt.device)
+    images, targets = _to_device(batch, rt, cfg.channels_last)
+    soft = None
+    if ctx.mixer.enabled:
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, step, rt.rank, _MIX))
+        images, soft = ctx.mixer(images, targets, generator=gen)
+    inert = _inert(ctx.model, cfg) if not weight else nullcontext()
+    with _autocast(rt.device, ctx.dtype), inert:
+        logits = ctx.model(images)
+    if soft is not None:
+        loss = augment.soft_target_cross_entropy(logits, soft)
+    else:
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss * weight).backward()
+    if cfg.clip_grad > 0:
+        ctx.scaler.unscale_(ctx.optimizer)
+        optim.clip_gradients(ctx.model, cfg.clip_grad)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.scheduler.step()
+    if ctx.ema is not None:
+        ctx.ema.update(unwrap(ctx.model))
+    if weight:
+        n = targets.shape[0]
+        acc[LOSS] += loss.detach().double() * n
+        acc[CORRECT] += (logits.detach().argmax(-1) == targets).sum()
+        acc[COUNT] += n
+
+
 def train_one_epoch(
     ctx: StepContext,
     loader: DataLoader,
@@ -311,8 +497,15 @@ def train_one_epoch(
     start_step: int = 0,
     sums: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Train for one epoch (from ``start_step`` when resuming) and return this rank's sums.
+) -> EpochProgress:
+    """Train for one epoch (from ``start_step`` when resuming), or until a stop signal.
+
+    Skipped (unreadable) images are handled so that the update equals that of one
+    process on the global batch's readable images: each rank scales its mean loss by
+    ``world * local_count / global_count``. A rank whose whole shard is unreadable
+    still runs a zero-weight pass (DDP needs every rank's backward) on its last good
+    batch, or a blank one; a step with no readable image on any rank is skipped by all,
+    only advancing the LR schedule.
 
     Args:
         ctx: model, optimiser, scheduler, ... (see :class:`StepContext`).
@@ -324,64 +517,41 @@ def train_one_epoch(
         on_step: called as ``on_step(step_done, sums)`` after every step (checkpoints).
 
     Returns:
-        float64 tensor ``[loss_sum, correct, count, skipped]`` for this rank.
+        This rank's sums, the steps done and whether the epoch was cut short by a signal.
     """
     cfg, rt = ctx.cfg, ctx.rt
-    ctx.model.train()
+    set_train_mode(ctx.model, cfg)
     acc = torch.zeros(4, dtype=torch.float64, device=rt.device)
     if sums is not None:
         acc += sums.to(rt.device)
+    step = start_step
+    if step >= steps:  # resumed from a stop after the epoch's last step
+        return EpochProgress(acc, step, 0)
     fallback: Batch | None = None
     bar = _progress(steps - start_step, f"epoch {epoch + 1}/{cfg.epochs}", rt)
-    step = start_step
+    stopped = 0
     for batch in loader:
         if step >= steps:
             break
+        local = 0 if batch.images is None else int(batch.targets.shape[0])
+        total, signum = consensus(local, ctx.stop.received(), rt)
+        if signum:  # before the step: the checkpoint then holds exactly `step` steps
+            stopped = signum
+            break
         _note_skipped(batch, ctx)
         acc[SKIPPED] += len(batch.skipped)
-        weight = 1.0
-        if batch.images is None:
-            if not rt.distributed:
-                # Nothing to learn from; keep the LR schedule aligned with the step count.
-                ctx.scheduler.step()
-                step += 1
-                bar.update()
-                continue
-            # Every DDP rank must run the same number of backward passes: repeat the
-            # last good batch (or a blank one) with zero weight so this rank adds no gradient.
-            batch = fallback or Batch(
-                torch.zeros(2, 3, *ctx.input_hw), torch.zeros(2, dtype=torch.long), ()
-            )
-            weight = 0.0
-        fallback = batch
-        # Dropout, drop-path and mixing draw from seeds fixed by (seed, epoch, step, rank).
-        seed_everything(derive_seed(cfg.seed, epoch, step, rt.rank, _STEP), rt.device)
-        images, targets = _to_device(batch, rt, cfg.channels_last)
-        soft = None
-        if ctx.mixer.enabled:
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, step, rt.rank, _MIX))
-            images, soft = ctx.mixer(images, targets, generator=gen)
-        with _autocast(rt.device, ctx.dtype):
-            logits = ctx.model(images)
-        if soft is not None:
-            loss = augment.soft_target_cross_entropy(logits, soft)
+        if total:
+            if local:
+                fallback = batch
+            else:
+                batch = fallback or Batch(
+                    torch.zeros(2, 3, *ctx.input_hw), torch.zeros(2, dtype=torch.long), ()
+                )
+            weight = rt.world * local / total
+            _step(ctx, batch, epoch=epoch, step=step, weight=weight, acc=acc)
         else:
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.scaler.scale(loss * weight).backward()
-        if cfg.clip_grad > 0:
-            ctx.scaler.unscale_(ctx.optimizer)
-            optim.clip_gradients(ctx.model, cfg.clip_grad)
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
-        ctx.scheduler.step()
-        if ctx.ema is not None:
-            ctx.ema.update(unwrap(ctx.model))
-        if weight:
-            n = targets.shape[0]
-            acc[LOSS] += loss.detach().double() * n
-            acc[CORRECT] += (logits.detach().argmax(-1) == targets).sum()
-            acc[COUNT] += n
+            # Nothing to learn from on any rank; keep the LR schedule aligned with the step count.
+            ctx.scheduler.step()
         step += 1
         bar.update()
         if not bar.disable and step % 10 == 0:
@@ -389,7 +559,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step, acc)
     bar.close()
-    return acc
+    return EpochProgress(acc, step, stopped)
 
 
 @torch.no_grad()
@@ -519,12 +689,20 @@ def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> d
     return state
 
 
+def _preempted(signum: int, epoch: int, step: int, out_uri: str, rt: Runtime) -> None:
+    """Wait for rank 0's checkpoint, then raise :class:`Preempted` (its message says how to
+    resume; ``kaedama train`` prints it on rank 0)."""
+    barrier(rt)
+    raise Preempted(signum, epoch, step, storage.join(out_uri, LAST))
+
+
 def fit(
     manifest_uri: str,
     out_uri: str,
     cfg: TrainConfig,
     *,
     runtime: Runtime | None = None,
+    stop: StopSignal | None = None,
 ) -> dict[str, Any]:
     """Train one model on the manifest's train split; keep ``best.pt`` and ``last.pt``.
 
@@ -533,20 +711,27 @@ def fit(
         out_uri: output folder, local or ``gs://``.
         cfg: the training config (``cfg.trials`` is ignored here; see :func:`train`).
         runtime: an already initialised runtime (else one is set up and torn down here).
+        stop: the :class:`StopSignal` the loop polls (a fresh one by default); its
+            handlers are installed while the epochs run.
 
     Returns:
         A JSON-friendly result: best epoch and validation accuracy, test accuracy,
         history, class names and more (also written to ``result.json``).
+
+    Raises:
+        Preempted: a stop signal ended the run early; ``last.pt`` holds the state.
     """
     rt = runtime or init_runtime(cfg)
     try:
-        return _fit(manifest_uri, out_uri, cfg, rt)
+        return _fit(manifest_uri, out_uri, cfg, rt, stop or StopSignal())
     finally:
         if runtime is None:
             close_runtime(rt)
 
 
-def _fit(manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+def _fit(
+    manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime, stop: StopSignal
+) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise TrainError(f"epochs and batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
@@ -604,6 +789,7 @@ def _fit(manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime) -> dict
         rt,
         dtype,
         input_size(data_config),
+        stop=stop,
     )
     eval_model = ema.module if ema is not None else net
     board = Board(out_uri, enabled=rt.is_main)
@@ -646,71 +832,92 @@ def _fit(manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime) -> dict
 
         return hook
 
-    for epoch in range(start_epoch, cfg.epochs):
-        loaders.train.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
-        carried, epoch_seconds = None, 0.0
-        if partial is not None:
-            carried, epoch_seconds = partial["sums"], float(partial["seconds"])
-        t0 = time.perf_counter()
-        sums = train_one_epoch(
-            ctx,
-            loaders.train,
-            epoch=epoch,
-            steps=loaders.steps_per_epoch,
-            start_step=start_step,
-            sums=carried,
-            on_step=on_step(epoch, t0),
-        )
-        seconds = epoch_seconds + time.perf_counter() - t0
-        start_step, partial = 0, None
-        total = all_sum(sums, rt).cpu()
-        n = float(total[COUNT])
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(total[LOSS]) / n if n else None,
-            "train_acc": float(total[CORRECT]) / n if n else None,
-            "train_images": int(n),
-            "train_skipped": int(total[SKIPPED]),
-            "images_per_s": n / seconds if seconds > 0 else 0.0,
-            "epoch_seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if loaders.val is not None:
-            val = evaluate(
-                eval_model, loaders.val, rt, dtype=dtype, channels_last=cfg.channels_last
-            )
-            record.update(
-                val_loss=val["loss"],
-                val_acc=val["acc"],
-                val_images=val["images"],
-                val_skipped=val["skipped"],
-            )
-        history.append(record)
-        # Without a validation split the last epoch counts as the best one.
-        score = record.get("val_acc")
-        improved = score is None or best["val_acc"] is None or score > best["val_acc"]
-        if improved:
-            best = {"epoch": epoch + 1, "val_acc": score}
-            best_state = _state_copy(unwrap(eval_model))
-        if rt.is_main:
-            log.info(
-                "epoch %d/%d train_loss %s train_acc %s val_acc %s %.1f img/s",
-                epoch + 1,
-                cfg.epochs,
-                _fmt(record["train_loss"]),
-                _fmt(record["train_acc"]),
-                _fmt(record.get("val_acc")),
-                record["images_per_s"],
-            )
-            if improved:
-                save_checkpoint(
-                    storage.join(out_uri, BEST),
-                    {**meta, "model": best_state, "epoch": epoch + 1, "val_acc": best["val_acc"]},
+    # From here on SIGTERM/SIGINT stop the run at the next step with a resumable last.pt.
+    with ctx.stop:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                loaders.train.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
+                carried, epoch_seconds = None, 0.0
+                if partial is not None:
+                    carried, epoch_seconds = partial["sums"], float(partial["seconds"])
+                t0 = time.perf_counter()
+                progress = train_one_epoch(
+                    ctx,
+                    loaders.train,
+                    epoch=epoch,
+                    steps=loaders.steps_per_epoch,
+                    start_step=start_step,
+                    sums=carried,
+                    on_step=on_step(epoch, t0),
                 )
-            save_last(epoch + 1, 0, None, 0.0)
-            write_history(out_uri, history)
-            board.scalars(record, epoch + 1)
-        barrier(rt)
+                seconds = epoch_seconds + time.perf_counter() - t0
+                start_step, partial = 0, None
+                total = all_sum(progress.sums, rt).cpu()
+                # A signal that came during the epoch's last step stops the run before evaluation.
+                signum = progress.stopped or consensus(0, ctx.stop.received(), rt)[1]
+                if signum:
+                    if rt.is_main:
+                        save_last(epoch, progress.steps_done, total, seconds)
+                    _preempted(signum, epoch, progress.steps_done, out_uri, rt)
+                n = float(total[COUNT])
+                record: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "train_loss": float(total[LOSS]) / n if n else None,
+                    "train_acc": float(total[CORRECT]) / n if n else None,
+                    "train_images": int(n),
+                    "train_skipped": int(total[SKIPPED]),
+                    "images_per_s": n / seconds if seconds > 0 else 0.0,
+                    "epoch_seconds": seconds,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                if loaders.val is not None:
+                    val = evaluate(
+                        eval_model, loaders.val, rt, dtype=dtype, channels_last=cfg.channels_last
+                    )
+                    record.update(
+                        val_loss=val["loss"],
+                        val_acc=val["acc"],
+                        val_images=val["images"],
+                        val_skipped=val["skipped"],
+                    )
+                history.append(record)
+                # Without a validation split the last epoch counts as the best one.
+                score = record.get("val_acc")
+                improved = score is None or best["val_acc"] is None or score > best["val_acc"]
+                if improved:
+                    best = {"epoch": epoch + 1, "val_acc": score}
+                    best_state = _state_copy(unwrap(eval_model))
+                if rt.is_main:
+                    log.info(
+                        "epoch %d/%d train_loss %s train_acc %s val_acc %s %.1f img/s",
+                        epoch + 1,
+                        cfg.epochs,
+                        _fmt(record["train_loss"]),
+                        _fmt(record["train_acc"]),
+                        _fmt(record.get("val_acc")),
+                        record["images_per_s"],
+                    )
+                    if improved:
+                        save_checkpoint(
+                            storage.join(out_uri, BEST),
+                            {
+                                **meta,
+                                "model": best_state,
+                                "epoch": epoch + 1,
+                                "val_acc": best["val_acc"],
+                            },
+                        )
+                    save_last(epoch + 1, 0, None, 0.0)
+                    write_history(out_uri, history)
+                    board.scalars(record, epoch + 1)
+                barrier(rt)
+                if epoch + 1 < cfg.epochs:  # a signal during evaluation: last.pt is already written
+                    signum = consensus(0, ctx.stop.received(), rt)[1]
+                    if signum:
+                        _preempted(signum, epoch + 1, 0, out_uri, rt)
+        except Preempted:
+            board.close()
+            raise
 
     result: dict[str, Any] = {
         "out": out_uri,
