@@ -6,16 +6,23 @@ distance <= 4 on a 64-bit pHash. All methods run interleaved in each round, so l
 elsewhere on the machine hits them alike; the table reports medians over ``--repeats``
 rounds and the ratio to imgdupes.
 
-Methods:
+Methods (every kaedama method writes all outputs: manifest, clusters, candidates,
+rejected, summary, hash cache and the HTML review page with thumbnails; a fresh output
+folder each time, so no cache, except ``kaedama_beam_cached``):
 
-* ``kaedama_beam``: ``python -m beam.dedup`` on the DirectRunner, one process (the
-  default): read, hash, search, decide, write the manifest, clusters, summary, hash
-  cache and the HTML review page with thumbnails. Fresh output folder, so no cache.
-* ``kaedama_beam_2proc``: the same with ``--direct_num_workers=2
-  --direct_running_mode=multi_processing`` (both cores).
+* ``kaedama_beam_1proc``: ``python -m beam.dedup`` on the DirectRunner's engine
+  (FnApiRunner), one worker in this process (``--direct_num_workers=1``).
+* ``kaedama_beam_2thr``: the same with ``--direct_num_workers=2
+  --direct_running_mode=multi_threading`` (two worker threads in one process; Pillow
+  releases the GIL while decoding and resizing).
+* ``kaedama_beam_2proc``: ``--direct_num_workers=2
+  --direct_running_mode=multi_processing`` (two SDK worker processes).
+* ``kaedama_beam``: the job with no runner options, i.e. its default.
 * ``kaedama_in_process``: ``kaedama dedup DIR --out OUT --in-process``: the same steps
   and outputs (byte-identical, tested) without Beam, hashing in forked processes on
   every core.
+* ``kaedama_in_process_draft64``: the same with ``--draft-size 64`` (half-scale JPEG
+  decode of these ~300 px photos; another hash recipe, see BENCHMARKS.md for its recall).
 * ``kaedama_beam_cached``: the default job re-run on the same output folder: the hash
   cache answers every file (the "grown dataset" path with nothing new).
 * ``imgdupes``: ``imgdupes --recursive DIR phash 4 --no-cache`` (its default: one
@@ -49,6 +56,17 @@ REPO = Path(__file__).resolve().parents[1]
 CALTECH = REPO.parent / "shared" / "datasets" / "caltech101"
 PY = sys.executable
 VENV_BIN = Path(PY).parent
+
+BEAM_OPTIONS = {
+    "kaedama_beam_1proc": ["--direct_num_workers=1"],
+    "kaedama_beam_2thr": ["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
+    "kaedama_beam_2proc": ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    "kaedama_beam": [],
+}
+IN_PROCESS_OPTIONS = {
+    "kaedama_in_process": [],
+    "kaedama_in_process_draft64": ["--draft-size", "64"],
+}
 
 IMAGEDEDUP_SCRIPT = """
 import json, sys
@@ -105,18 +123,15 @@ def one_round(dataset: Path, scratch: Path, methods: list[str]) -> dict[str, dic
     results: dict[str, dict] = {}
     out = scratch / "kaedama"
     for method in methods:
-        if method in ("kaedama_beam", "kaedama_beam_2proc"):
+        if method in BEAM_OPTIONS:
             shutil.rmtree(out, ignore_errors=True)
-            extra = []
-            if method == "kaedama_beam_2proc":
-                extra = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-            wall, _ = _timed(_kaedama(dataset, out, extra), REPO)
+            wall, _ = _timed(_kaedama(dataset, out, BEAM_OPTIONS[method]), REPO)
             results[method] = {"wall_s": wall, **_kaedama_counts(out)}
-        elif method == "kaedama_in_process":
+        elif method in IN_PROCESS_OPTIONS:
             target = scratch / "in-process"
             shutil.rmtree(target, ignore_errors=True)
             cmd = [PY, "-m", "kaedama", "dedup", str(dataset), "--out", str(target), "--in-process"]
-            wall, _ = _timed(cmd, REPO)
+            wall, _ = _timed(cmd + IN_PROCESS_OPTIONS[method], REPO)
             results[method] = {"wall_s": wall, **_kaedama_counts(target)}
         elif method == "kaedama_beam_cached":
             if not (out / "summary.json").exists():
@@ -167,6 +182,25 @@ def breakdown(dataset: Path) -> dict[str, float]:
             rejected.append(Rejected(uri, label, exc.reason, exc.message, len(data)))
     steps["sha256+decode+hash"] = time.perf_counter() - t
     t = time.perf_counter()
+    draft64 = DedupConfig(draft_size=64).recipe()
+    for uri, label, data in blobs:
+        try:
+            hash_image_bytes(uri, label, data, draft64)
+        except ImageError:
+            continue  # counted above
+    steps["sha256+decode+hash_draft64"] = time.perf_counter() - t
+    t = time.perf_counter()
+    import imagehash
+
+    from kaedama.images import decode
+
+    for _, _, data in blobs:
+        try:
+            imagehash.phash(decode(data))
+        except ImageError:
+            continue
+    steps["imagehash_phash_full_decode_only"] = time.perf_counter() - t
+    t = time.perf_counter()
     found = find_pairs(hash_array([r.hash for r in records], recipe.bits), config.threshold)
     pairs = [(records[i].uri, records[j].uri, d) for i, j, d in found.tolist()]
     steps["pair_search"] = time.perf_counter() - t
@@ -192,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--methods",
-        default="kaedama_beam,kaedama_beam_2proc,kaedama_in_process,kaedama_beam_cached,"
-        "imgdupes,imgdupes_2proc,imagededup",
+        default="kaedama_beam_1proc,kaedama_beam_2thr,kaedama_beam_2proc,kaedama_in_process,"
+        "kaedama_in_process_draft64,kaedama_beam_cached,imgdupes,imgdupes_2proc,imagededup",
     )
     parser.add_argument("--breakdown", action="store_true", help="also time the core steps")
     args = parser.parse_args(argv)

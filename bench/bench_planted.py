@@ -1,14 +1,21 @@
 """Planted transformations of real Caltech-101 photos and the confirmation step.
 
-Reports, for both hash recipes (full decode = imagehash reference, reduced decode):
+Reports, for each hash recipe (``reference`` = imagehash on a full decode, the bits
+imgdupes and imagededup compute; ``fast`` = kaedama's default, its own pHash code on a
+>= 256 px reduced decode; ``fast_draft64`` = the same on a >= 64 px reduced decode (half
+scale for Caltech's ~300 px photos); ``imagehash_draft64`` = imagehash on that decode):
 
-* how often the reduced-decode phash equals the full-decode phash bit for bit;
+* how often its phash equals the reference phash bit for bit (and within 2 bits), and
+  that kaedama's pHash code gives imagehash's bits on the same decode;
 * the brute-force phash candidates at t=4 on all of Caltech-101 (pairs, clusters,
-  images, clusters spanning several labels) and that the exact search finds the same;
+  images, clusters spanning several labels), that the exact search finds exactly the
+  same pairs (pair recall vs brute force over the same recipe), and how many of the
+  reference recipe's pairs it shares;
 * recall at t=4 of planted copies (resize 50% and 25%, JPEG quality 25, brightness
   x1.1, 5% crop) and of the confirmation step on the found ones;
 * the confirmation similarity of every Caltech candidate pair, how many the
-  threshold confirms, and contact sheets of pairs (side by side PNGs) to look at.
+  threshold confirms, the dedup decisions with the defaults, and (``--sheets``)
+  contact sheets of the reference recipe's pairs (side by side PNGs) to look at.
 
 Usage::
 
@@ -42,7 +49,15 @@ from kaedama.neighbors import brute_force_pairs, find_pairs, hash_array
 
 REPO = Path(__file__).resolve().parents[1]
 CALTECH = REPO.parent / "shared" / "datasets" / "caltech101"
-RECIPES = {"full": HashRecipe(reduced_decode=False), "draft": HashRecipe()}
+RECIPES = {
+    "reference": HashRecipe(reduced_decode=False, method="imagehash"),
+    "fast": HashRecipe(),
+    "imagehash_draft64": HashRecipe(method="imagehash", draft_size=64),
+    "fast_draft64": HashRecipe(draft_size=64),
+}
+REFERENCE = "reference"
+# kaedama's fast pHash and imagehash's on the same decode: the bits must be equal.
+SAME_DECODE = {"fast_draft64": "imagehash_draft64"}
 
 
 def hash_folder(root: Path, recipe: HashRecipe, cache: HashCache):
@@ -88,7 +103,7 @@ def transformations(img: Image.Image) -> dict[str, bytes]:
 
 def planted_stats(records_by_recipe, n: int, seed: int, threshold: int):
     """Distance and similarity of every planted copy to its original, per recipe."""
-    full = records_by_recipe["full"]
+    full = records_by_recipe[REFERENCE]
     jpegs = [r for r in full if r.uri.lower().endswith((".jpg", ".jpeg"))]
     sample = random.Random(seed).sample(jpegs, min(n, len(jpegs)))
     out: dict[str, dict[str, list[tuple[int, float]]]] = {k: {} for k in RECIPES}
@@ -138,85 +153,131 @@ def main(argv=None) -> int:
     cache = HashCache.load(args.cache)
     recs = {name: hash_folder(args.caltech, recipe, cache) for name, recipe in RECIPES.items()}
     cache.save(args.cache)
-    full, rejected = recs["full"]
-    draft = {r.uri: r for r in recs["draft"][0]}
-    report: dict = {"images": len(full), "rejected": len(rejected)}
-
-    # 1. Reduced vs full decode agreement.
-    dists = np.array([(r.hash ^ draft[r.uri].hash).bit_count() for r in full])
-    reduced = np.array([min(r.width, r.height) >= 2 * 256 for r in full])
-    report["recipe_agreement"] = {
-        "all_images": float(np.mean(dists == 0)),
-        "images_where_draft_reduces": int(reduced.sum()),
-        "agreement_where_reduced": float(np.mean(dists[reduced] == 0)) if reduced.any() else None,
-        "max_bits_differing": int(dists.max()),
+    full, rejected = recs[REFERENCE]
+    report: dict = {
+        "images": len(full),
+        "rejected": len(rejected),
+        "recipes": {name: recipe.key() for name, recipe in RECIPES.items()},
     }
-
-    # 2. Brute force at t on the full-decode recipe, and the exact search agrees.
-    hashes = hash_array([r.hash for r in full])
-    brute = brute_force_pairs(hashes, args.threshold)
-    assert np.array_equal(brute, find_pairs(hashes, args.threshold)), "exact search differs"
-    groups = components(len(full), brute)
-    spanning = [g for g in groups if len({full[i].label for i in g}) > 1]
-    report["caltech_candidates"] = {
-        "pairs": len(brute),
-        "clusters": len(groups),
-        "images": sum(len(g) for g in groups),
-        "clusters_spanning_labels": len(spanning),
-        "spanning_label_sets": sorted(
-            Counter(tuple(sorted({full[i].label for i in g})) for g in spanning).items()
-        ),
-        "exact_search_equals_brute_force": True,
-    }
-
-    # 3. Confirmation similarity of every candidate pair.
-    sims = descriptor_similarities(
-        [full[i].descriptor for i in brute[:, 0]], [full[j].descriptor for j in brute[:, 1]]
-    )
-    same_bytes = np.array([full[i].sha256 == full[j].sha256 for i, j, _ in brute.tolist()])
     thresholds = [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
-    report["caltech_confirmation"] = {
-        "identical_bytes_pairs": int(same_bytes.sum()),
-        "similarity_quantiles": np.quantile(sims, [0, 0.1, 0.25, 0.5, 0.75, 1]).round(3).tolist(),
-        "confirmed_at": {str(t): int((sims >= t).sum()) for t in thresholds},
-    }
-    result = run_local(full, rejected, DedupConfig(reduced_decode=False))
-    report["dedup_summary_full_recipe"] = {
-        k: result.summary[k]
-        for k in ("kept", "dropped", "rejected", "by_reason", "candidate_pairs", "confirmed_pairs")
-    } | {"clusters": result.summary["clusters"], "conflicts": result.summary["conflict_clusters"]}
+    brute_by_recipe = {}
+    for name, recipe in RECIPES.items():
+        records = recs[name][0]
+        assert [r.uri for r in records] == [r.uri for r in full]
+        entry: dict = {}
+        # 1. Agreement with the reference bits.
+        dists = np.array(
+            [(r.hash ^ f.hash).bit_count() for r, f in zip(records, full, strict=True)]
+        )
+        entry["agreement_with_reference"] = {
+            "bit_equal": round(float(np.mean(dists == 0)), 4),
+            "within_2_bits": round(float(np.mean(dists <= 2)), 4),
+            "max_bits_differing": int(dists.max()),
+        }
+        if name in SAME_DECODE:
+            twin = recs[SAME_DECODE[name]][0]
+            entry["bit_equal_to_" + SAME_DECODE[name]] = round(
+                float(np.mean([r.hash == t.hash for r, t in zip(records, twin, strict=True)])), 4
+            )
+        # 2. Brute force at t over this recipe, and the exact search agrees.
+        hashes = hash_array([r.hash for r in records])
+        brute = brute_force_pairs(hashes, args.threshold)
+        exact = find_pairs(hashes, args.threshold)
+        brute_by_recipe[name] = brute
+        groups = components(len(records), brute)
+        spanning = [g for g in groups if len({records[i].label for i in g}) > 1]
+        ref_pairs = {(i, j) for i, j, _ in brute_by_recipe[REFERENCE].tolist()}
+        own_pairs = {(i, j) for i, j, _ in brute.tolist()}
+        entry["caltech_candidates"] = {
+            "pairs": len(brute),
+            "pair_recall_vs_brute_force": len(own_pairs & {(i, j) for i, j, _ in exact.tolist()})
+            / max(1, len(own_pairs)),
+            "exact_search_equals_brute_force": bool(np.array_equal(brute, exact)),
+            "shared_with_reference": len(own_pairs & ref_pairs),
+            "clusters": len(groups),
+            "images": sum(len(g) for g in groups),
+            "clusters_spanning_labels": len(spanning),
+            "spanning_label_sets": sorted(
+                Counter(tuple(sorted({records[i].label for i in g})) for g in spanning).items()
+            ),
+        }
+        # 3. Confirmation similarity of every candidate pair, and the defaults' decisions.
+        sims = descriptor_similarities(
+            [records[i].descriptor for i in brute[:, 0]],
+            [records[j].descriptor for j in brute[:, 1]],
+        )
+        same_bytes = [records[i].sha256 == records[j].sha256 for i, j, _ in brute.tolist()]
+        entry["caltech_confirmation"] = {
+            "identical_bytes_pairs": int(sum(same_bytes)),
+            "similarity_quantiles": np.quantile(sims, [0, 0.1, 0.25, 0.5, 0.75, 1])
+            .round(3)
+            .tolist(),
+            "confirmed_at": {str(t): int((sims >= t).sum()) for t in thresholds},
+        }
+        config = DedupConfig(
+            hash_method=recipe.method,
+            reduced_decode=recipe.reduced_decode,
+            draft_size=recipe.draft_size,
+        )
+        assert config.recipe() == recipe
+        result = run_local(records, recs[name][1], config)
+        entry["dedup_summary"] = {
+            k: result.summary[k]
+            for k in (
+                "kept",
+                "dropped",
+                "rejected",
+                "by_reason",
+                "candidate_pairs",
+                "confirmed_pairs",
+                "clusters",
+                "conflict_clusters",
+            )
+        }
+        report[name] = entry
 
     # 4. Planted copies.
     planted = planted_stats(
-        {"full": full, "draft": list(draft.values())}, args.planted, args.seed, args.threshold
+        {name: r[0] for name, r in recs.items()}, args.planted, args.seed, args.threshold
     )
-    table = {}
     for rname, per_t in planted.items():
+        table = {}
         for tname, values in per_t.items():
             d = np.array([v[0] for v in values])
             s = np.array([v[1] for v in values])
             found = d <= args.threshold
-            table.setdefault(tname, {})[rname] = {
-                "hash_recall": float(found.mean()),
-                "confirm_recall_of_found": float((s[found] >= DEFAULT_CONFIRM_THRESHOLD).mean())
+            table[tname] = {
+                "hash_recall": round(float(found.mean()), 4),
+                "confirm_recall_of_found": round(
+                    float((s[found] >= DEFAULT_CONFIRM_THRESHOLD).mean()), 4
+                )
                 if found.any()
                 else None,
-                "end_to_end_recall": float((found & (s >= DEFAULT_CONFIRM_THRESHOLD)).mean()),
-                "similarity_min": float(s.min()),
-                "similarity_p01": float(np.quantile(s, 0.01)),
+                "end_to_end_recall": round(
+                    float((found & (s >= DEFAULT_CONFIRM_THRESHOLD)).mean()), 4
+                ),
+                "similarity_min": round(float(s.min()), 3),
+                "similarity_p01": round(float(np.quantile(s, 0.01)), 3),
                 "median_distance": float(np.median(d)),
             }
-    report["planted"] = {
-        "photos": args.planted,
-        "confirm_threshold": DEFAULT_CONFIRM_THRESHOLD,
-        "per_transformation": table,
-    }
-    all_s = np.array([v[1] for per_t in planted.values() for vs in per_t.values() for v in vs])
-    report["planted"]["confirm_recall_at"] = {
-        str(t): float((all_s >= t).mean()) for t in thresholds
-    }
+            if rname != REFERENCE:
+                # Paired with the reference on the same copies: how many each finds alone.
+                ref = np.array([v[0] for v in planted[REFERENCE][tname]]) <= args.threshold
+                table[tname]["found_only_by_reference"] = int((ref & ~found).sum())
+                table[tname]["found_only_by_this_recipe"] = int((found & ~ref).sum())
+        all_s = np.array([v[1] for vs in per_t.values() for v in vs])
+        report[rname]["planted"] = {
+            "photos": args.planted,
+            "confirm_threshold": DEFAULT_CONFIRM_THRESHOLD,
+            "per_transformation": table,
+            "confirm_recall_at": {str(t): round(float((all_s >= t).mean()), 4) for t in thresholds},
+        }
 
     if args.sheets:
+        brute = brute_by_recipe[REFERENCE]
+        sims = descriptor_similarities(
+            [full[i].descriptor for i in brute[:, 0]], [full[j].descriptor for j in brute[:, 1]]
+        )
         order = np.argsort(sims)
         rows = [
             (full[i].uri, full[j].uri, int(d), float(sims[k]))

@@ -15,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from beam import dedup as job
-from kaedama import storage
+from kaedama import dedup_job, storage
 from kaedama.dedup import DedupConfig, Rejected, decide
 from kaedama.hashcache import HashCache
 from kaedama.hashing import hash_image_bytes
@@ -130,7 +130,7 @@ def test_read_and_hash_tags_every_bad_file_with_the_decoder_reason(small_folder)
             out[job.REJECTED] | beam.Map(lambda r: (r.uri, r.reason)),
             equal_to(
                 [(str(root / rel), reason) for rel, reason in bad.items()]
-                + [(missing, job.UNREADABLE)]
+                + [(missing, dedup_job.UNREADABLE)]
             ),
             label="rejected",
         )
@@ -176,7 +176,7 @@ def test_exact_groups_and_identical_pairs():
             label="groups",
         )
         assert_that(
-            groups | beam.FlatMap(job._identical_pairs),
+            groups | beam.FlatMap(dedup_job.identical_pairs),
             equal_to(
                 [
                     ("gs://b/x/0.jpg", "gs://b/x/1.jpg", 0),
@@ -239,7 +239,7 @@ def _records(root: Path, config: DedupConfig):
     return recs, rejected
 
 
-def test_decide_transform_equals_the_core_decision(small_folder):
+def test_gather_and_decide_equal_the_core_decision(small_folder):
     root, _ = small_folder
     config = DedupConfig(conflict_policy="majority")
     recs, rejected = _records(root, config)
@@ -249,14 +249,27 @@ def test_decide_transform_equals_the_core_decision(small_folder):
     pairs = [t for t in pairs if t[2] <= config.threshold]
     want = decide(recs, rejected, pairs, config)
     with _pipeline() as p:
-        result = {
+        gathered = {
             "records": p | "R" >> beam.Create(recs),
             "rejected": p | "X" >> beam.Create(rejected),
             "pairs": p | "P" >> beam.Create(pairs),
-        } | job.Decide(config)
+        } | job.Gather()
+        result = gathered | job.Decide(config)
         assert_that(
             result | beam.Map(lambda r: ([row.to_json() for row in r.rows], r.clusters)),
             equal_to([([row.to_json() for row in want.rows], want.clusters)]),
+        )
+
+
+def test_gather_gives_one_element_even_for_empty_inputs():
+    with _pipeline() as p:
+        gathered = {
+            "a": p | "A" >> beam.Create([3, 1, 2]),
+            "b": p | "B" >> beam.Create([]),
+        } | job.Gather()
+        assert_that(
+            gathered | beam.Map(lambda g: {k: sorted(v) for k, v in g.items()}),
+            equal_to([{"a": [1, 2, 3], "b": []}]),
         )
 
 
@@ -264,12 +277,12 @@ def test_whole_job_writes_every_output_and_accounts_for_every_file(tmp_path, sma
     root, bad = small_folder
     out = tmp_path / "out"
     config = DedupConfig()
-    paths = job.JobPaths(
-        input=str(root), output=str(out), cache=job.default_cache_uri(str(out), config)
+    paths = dedup_job.JobPaths(
+        input=str(root), output=str(out), cache=dedup_job.default_cache_uri(str(out), config)
     )
     with _pipeline() as p:
         job.build_pipeline(p, paths, config)
-    manifest = read_manifest(str(out / job.MANIFEST_NAME))
+    manifest = read_manifest(str(out / dedup_job.MANIFEST_NAME))
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
     assert sorted(r.uri for r in manifest.rows) == files
     assert manifest.header["hash_recipe"] == config.recipe().key()
@@ -283,38 +296,38 @@ def test_whole_job_writes_every_output_and_accounts_for_every_file(tmp_path, sma
     assert {by_uri[str(root / r)].reason for r in ("猫/a.jpg", "犬 dog/a.jpg")} == {
         "label_conflict"
     }
-    summary = json.loads((out / job.SUMMARY_NAME).read_text("utf-8"))
+    summary = json.loads((out / dedup_job.SUMMARY_NAME).read_text("utf-8"))
     assert summary["kept"] + summary["dropped"] + summary["rejected"] == summary["input"] == 13
     assert summary["rejected"] == len(bad)
     assert summary["hash_cache"]["decoded"] > 0
     clusters = [
-        json.loads(line) for line in (out / job.CLUSTERS_NAME).read_text("utf-8").splitlines()
+        json.loads(line) for line in (out / dedup_job.CLUSTERS_NAME).read_text("utf-8").splitlines()
     ]
     assert len(clusters) == summary["clusters"] >= 1
     rejected = [
-        json.loads(line) for line in (out / job.REJECTED_NAME).read_text("utf-8").splitlines()
+        json.loads(line) for line in (out / dedup_job.REJECTED_NAME).read_text("utf-8").splitlines()
     ]
     assert {r["reason"] for r in rejected} == set(bad.values())
-    html = (out / job.REPORT_NAME).read_text("utf-8")
+    html = (out / dedup_job.REPORT_NAME).read_text("utf-8")
     assert html.count("data-cluster=") == len(clusters)
     assert storage.exists(paths.cache)
-    candidates = (out / job.CANDIDATES_NAME).read_text("utf-8").splitlines()
+    candidates = (out / dedup_job.CANDIDATES_NAME).read_text("utf-8").splitlines()
     assert len(candidates) == summary["candidate_pairs"]
 
 
 def test_output_inside_the_input_is_refused(small_folder):
     root, _ = small_folder
-    paths = job.JobPaths(input=str(root), output=str(root / "out"))
-    with pytest.raises(job.DedupJobError, match="overlaps the input"):
-        job.check_paths(paths)
-    with pytest.raises(job.DedupJobError, match="overlaps the input"):
-        job.check_paths(job.JobPaths(str(root), "/elsewhere", materialize=str(root)))
+    paths = dedup_job.JobPaths(input=str(root), output=str(root / "out"))
+    with pytest.raises(dedup_job.DedupJobError, match="overlaps the input"):
+        dedup_job.check_paths(paths)
+    with pytest.raises(dedup_job.DedupJobError, match="overlaps the input"):
+        dedup_job.check_paths(dedup_job.JobPaths(str(root), "/elsewhere", materialize=str(root)))
 
 
 def test_in_process_engine_refuses_gcs_paths(tmp_path):
-    paths = job.JobPaths(input="gs://bucket/data", output=str(tmp_path / "out"))
-    with pytest.raises(job.DedupJobError, match="local paths only"):
-        job.run_in_process(paths, DedupConfig())
+    paths = dedup_job.JobPaths(input="gs://bucket/data", output=str(tmp_path / "out"))
+    with pytest.raises(dedup_job.DedupJobError, match="local paths only"):
+        dedup_job.run_in_process(paths, DedupConfig())
 
 
 def test_cli_hands_beam_options_through():

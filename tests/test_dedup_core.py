@@ -262,6 +262,13 @@ def test_config_validation_and_header():
         DedupConfig(hash_algorithm="whash", hash_size=6)
     config = build_config(DedupConfig, overrides={"threshold": "6", "reduced_decode": "false"})
     assert config.threshold == 6 and config.recipe() == HashRecipe(reduced_decode=False)
+    reference = build_config(
+        DedupConfig, overrides={"hash_method": "imagehash", "draft_size": "256"}
+    )
+    assert reference.recipe() == HashRecipe(method="imagehash", draft_size=256)
+    assert reference.recipe().key().startswith("phash8-draft256-g32c8-imagehash")
+    with pytest.raises(ConfigError):
+        DedupConfig(hash_method="turbo")
     header = manifest_header(config)
     assert header["hash_recipe"] == config.recipe().key()
     assert "full" in header["hash_recipe"] and header["dedup"]["threshold"] == 6
@@ -304,3 +311,61 @@ def test_run_local_on_real_photos(shared_datasets):
     assert rows[f"bees/{paths[1].name}"].reason == "label_conflict"
     assert sum(r.status == "kept" for r in result.rows) == len(paths) - 1
     check_counts(result, len(paths) + 4)
+
+
+@pytest.mark.parametrize("threshold", [1, 4])
+def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
+    from collections import defaultdict
+
+    from kaedama.dedup_job import block_entries, exact_group, identical_pairs, shard_pairs
+    from kaedama.neighbors import brute_force_pairs, hash_array
+
+    rnd = random.Random(threshold)
+    hashes = []
+    for _ in range(40):
+        base = rnd.getrandbits(64)
+        hashes.append(base)
+        for d in range(threshold + 2):
+            hashes.append(base ^ sum(1 << b for b in rnd.sample(range(64), d)))
+    # Two files with identical bytes form one group; the rest one file each.
+    groups = [exact_group("s0", [("u0b", hashes[0]), ("u0a", hashes[0])])]
+    groups += [exact_group(f"s{i}", [(f"u{i:03d}", h)]) for i, h in enumerate(hashes) if i]
+    assert groups[0] == ("s0", hashes[0], ("u0a", "u0b"))
+    shards = defaultdict(list)
+    for group in groups:
+        for key, entry in block_entries(group, threshold, 64):
+            shards[key].append(entry)
+    assert len(shards) > threshold + 1, "the hashes spread over several shards per block"
+    found = [
+        p
+        for (block, _), entries in shards.items()
+        for p in shard_pairs(block, entries, threshold, 64, 5000)
+    ]
+    found += [p for g in groups for p in identical_pairs(g)]
+    uris = [g[2] for g in groups]
+    expected = [("u0a", "u0b", 0)]
+    for i, j, d in brute_force_pairs(hash_array([g[1] for g in groups], 64), threshold).tolist():
+        expected += [(min(a, b), max(a, b), d) for a in uris[i] for b in uris[j]]
+    # Sorted lists, not sets: a pair reported from two buckets would show up twice.
+    assert sorted(found) == sorted(expected)
+    assert len(expected) > len(groups) // 2
+
+
+def test_large_bucket_takes_the_vectorised_path_with_the_same_pairs():
+    from kaedama.dedup_job import SMALL_BUCKET, bucket_pairs, exact_group
+    from kaedama.neighbors import brute_force_pairs, hash_array
+
+    rnd = random.Random(7)
+    base = rnd.getrandbits(64)
+    # Same top 13 bits (block 0 at t=4), the rest random but often close to each other.
+    hashes = [
+        base ^ sum(1 << b for b in rnd.sample(range(20), rnd.randint(0, 5))) for _ in range(80)
+    ]
+    groups = [exact_group(f"s{i:02d}", [(f"u{i:02d}", h)]) for i, h in enumerate(hashes)]
+    assert len(groups) > SMALL_BUCKET
+    found = sorted(bucket_pairs(0, groups, 4, 64, 5000))
+    expected = sorted(
+        (f"u{i:02d}", f"u{j:02d}", d)
+        for i, j, d in brute_force_pairs(hash_array(hashes, 64), 4).tolist()
+    )
+    assert found == expected and len(expected) > 10

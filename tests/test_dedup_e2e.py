@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from beam import dedup as job
-from kaedama import cli, storage
+from kaedama import cli, dedup_job, storage
+from kaedama.dedup import DedupConfig
 from kaedama.fixtures import PHASH_RADIUS, GroundTruth
 from kaedama.manifest import read_manifest
 from tests.plugins.gcs import upload_many
@@ -163,7 +164,7 @@ def test_beam_entry_point_on_gcs_matches_the_local_run(small_digits, gcs_bucket,
     assert summary == _summary(out)
     html = storage.read_text(f"{out}/report.html")
     assert html.count("data-cluster=") == summary["clusters"] > 0
-    assert storage.exists(job.default_cache_uri(out, job.DedupConfig()))
+    assert storage.exists(dedup_job.default_cache_uri(out, DedupConfig()))
 
 
 def test_cli_on_gcs_materializes_kept_images_and_leaves_sources_alone(small_digits, gcs_bucket):
@@ -278,3 +279,22 @@ def test_the_jobs_review_page_renders_every_cluster_in_chromium(dirty_run, tmp_p
     assert set(facts["clusters"][: len(conflict_ids)]) == conflict_ids
     assert facts["images"] == sum(len(c["members"]) for c in clusters)
     assert facts["brokenImages"] == 0
+
+
+def test_in_process_engine_never_imports_apache_beam(small_digits, tmp_path):
+    root, _ = small_digits
+    out = tmp_path / "no-beam"
+    code = (
+        "import sys\n"
+        "from kaedama import cli\n"
+        f"rc = cli.main(['dedup', {str(root)!r}, '--out', {str(out)!r}, '--in-process'])\n"
+        "assert rc == 0, rc\n"
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'apache_beam', 'beam'}\n"
+        "print('LOADED=' + ','.join(sorted(loaded)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "LOADED=", "the in-process engine loaded Beam"
+    assert _summary(str(out))["input"] == len(list(p for p in root.rglob("*") if p.is_file()))

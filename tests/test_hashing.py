@@ -6,6 +6,7 @@ import io
 
 import imagehash
 import numpy as np
+import PIL
 import pytest
 from PIL import Image, ImageEnhance
 
@@ -21,6 +22,7 @@ from kaedama.hashing import (
     hash_image_bytes,
     hash_to_hex,
     hex_to_hash,
+    phash_of_square,
 )
 
 IMAGEHASH = {
@@ -69,7 +71,7 @@ def test_hashers_match_imagehash_bits(photos, algorithm, hash_size):
 
 @pytest.mark.shared
 def test_full_decode_recipe_is_imagehash_on_the_shared_decoder(photos, large_photo):
-    recipe = HashRecipe(reduced_decode=False)
+    recipe = HashRecipe(reduced_decode=False, method="imagehash")
     for data in [*photos, large_photo]:
         record = hash_image_bytes("u", "l", data, recipe)
         assert hash_to_hex(record.hash) == str(imagehash.phash(images.decode(data)))
@@ -79,18 +81,39 @@ def test_full_decode_recipe_is_imagehash_on_the_shared_decoder(photos, large_pho
 
 
 @pytest.mark.shared
-def test_reduced_decode_stays_close_and_reports_full_size(large_photo, photos):
-    fast = hash_image_bytes("u", "l", large_photo, HashRecipe())
-    full = hash_image_bytes("u", "l", large_photo, HashRecipe(reduced_decode=False))
+@pytest.mark.parametrize("method", ["fast", "imagehash"])
+def test_reduced_decode_stays_close_and_reports_full_size(large_photo, photos, method):
+    fast = hash_image_bytes("u", "l", large_photo, HashRecipe(method=method))
+    full = hash_image_bytes("u", "l", large_photo, HashRecipe(reduced_decode=False, method=method))
     assert (fast.width, fast.height) == (full.width, full.height)
     assert max(fast.width, fast.height) == 2400
     assert (fast.hash ^ full.hash).bit_count() <= 2
     assert descriptor_similarity(fast.descriptor, full.descriptor) > 0.99
-    # A PNG has no reduced decode: both recipes give the same bits.
+    # A PNG has no reduced decode: both decodes give the same bits.
     png = _encode(images.decode(photos[1]), "PNG")
-    a = hash_image_bytes("u", "l", png, HashRecipe())
-    b = hash_image_bytes("u", "l", png, HashRecipe(reduced_decode=False))
+    a = hash_image_bytes("u", "l", png, HashRecipe(method=method))
+    b = hash_image_bytes("u", "l", png, HashRecipe(reduced_decode=False, method=method))
     assert a.hash == b.hash and a.descriptor == b.descriptor
+
+
+@pytest.mark.shared
+def test_fast_phash_gives_imagehash_bits(photos):
+    for data in photos:
+        img = images.decode(data)
+        # The DCT/median implementation equals imagehash's on imagehash's own square...
+        lanczos = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+        assert hash_to_hex(phash_of_square(np.asarray(lanczos), 8)) == str(imagehash.phash(img))
+        big = img.convert("L").resize((64, 64), Image.Resampling.LANCZOS)
+        assert hash_to_hex(phash_of_square(np.asarray(big), 16), 256) == str(
+            imagehash.phash(img, hash_size=16)
+        )
+        # ...so the fast recipe gives imagehash's bits and the usual descriptor.
+        for reduced in (False, True):
+            fast = hash_image_bytes("u", "l", data, HashRecipe(reduced_decode=reduced))
+            ref = hash_image_bytes(
+                "u", "l", data, HashRecipe(reduced_decode=reduced, method="imagehash")
+            )
+            assert (fast.hash, fast.descriptor) == (ref.hash, ref.descriptor)
 
 
 @pytest.mark.shared
@@ -116,6 +139,21 @@ def test_transformed_copies_stay_near_and_distinct_photos_stay_far(photos):
             assert descriptor_similarity(a.descriptor, b.descriptor) < 0.9
 
 
+def test_fast_phash_gives_imagehash_bits_on_flat_and_symmetric_images():
+    """Where imagehash's AC coefficients are exact zeros, the fast DCT must not add noise."""
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)
+    made = [Image.new("RGB", (100, 80), colour) for colour in ("gray", "black", "white", "teal")]
+    made.append(Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)))
+    made.append(Image.fromarray(np.concatenate([half, half[::-1]], axis=0)))
+    ramp = np.tile(np.arange(100, dtype=np.uint8), (80, 1))
+    made.append(Image.fromarray(np.stack([ramp] * 3, axis=-1)))
+    for img in made:
+        data = _encode(img, "PNG")
+        fast = hash_image_bytes("u", "l", data, HashRecipe())
+        assert hash_to_hex(fast.hash) == str(imagehash.phash(images.decode(data)))
+
+
 def test_descriptor_signal_on_made_images():
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -137,15 +175,29 @@ def test_hex_round_trip_and_recipe_keys():
     assert hash_to_hex(0xAB) == "00000000000000ab"
     assert hash_to_hex(1, 256) == "0" * 63 + "1"
     assert hex_to_hash(hash_to_hex(0xDEADBEEF12345678)) == 0xDEADBEEF12345678
-    fast, full = HashRecipe(), HashRecipe(reduced_decode=False)
-    assert fast.key() != full.key()
-    assert f"imagehash{imagehash.__version__}" in fast.key() and "pillow" in fast.key()
-    assert fast.key().startswith("phash8-draft") and full.key().startswith("phash8-full")
+    fast, full = HashRecipe(), HashRecipe(reduced_decode=False, method="imagehash")
+    keys = {
+        fast.key(),
+        full.key(),
+        HashRecipe(method="imagehash").key(),
+        HashRecipe(reduced_decode=False).key(),
+        HashRecipe(draft_size=64).key(),
+    }
+    assert len(keys) == 5, "every recipe has its own key"
+    assert f"imagehash{imagehash.__version__}" in full.key() and "pillow" in full.key()
+    assert "imagehash" not in fast.key() and f"pillow{PIL.__version__}" in fast.key()
+    assert fast.key().startswith("phash8-draft256-g32c8-dct") and full.key().startswith(
+        "phash8-full"
+    )
+    assert HashRecipe("dhash").key().startswith("dhash8-draft256-g32c8-imagehash")
+    assert HashRecipe(draft_size=64).key().startswith("phash8-draft64-g32c8-dct")
     assert HashRecipe("dhash", 16).to_dict()["key"] == HashRecipe("dhash", 16).key()
     with pytest.raises(HashingError):
         HashRecipe("sha1")
     with pytest.raises(HashingError):
         HashRecipe("whash", 12)
+    with pytest.raises(HashingError, match="method"):
+        HashRecipe(method="turbo")
 
 
 def test_unreadable_bytes_raise_image_error():
@@ -187,7 +239,7 @@ def test_hash_cache_hits_and_recipe_isolation(tmp_path):
     )
     assert again.uri == "b.jpg" and again.label == "other"
     # Another recipe never reads this entry.
-    other = hash_image_bytes("b.jpg", "l", data, HashRecipe(reduced_decode=False), cache=loaded)
+    other = hash_image_bytes("b.jpg", "l", data, HashRecipe(method="imagehash"), cache=loaded)
     assert loaded.misses == 1 and len(loaded) == 2 and other.sha256 == first.sha256
     assert HashCache.load(str(tmp_path / "missing.npz")).get(first.sha256, recipe) is None
     (tmp_path / "bad.npz").write_bytes(b"garbage")
@@ -218,3 +270,26 @@ def test_hash_cache_on_gcs(gcs_bucket):
         record.hash,
         record.descriptor,
     )
+
+
+def test_hash_cache_reads_the_previous_format(tmp_path):
+    """Format 1 (unicode arrays, compressed) as the first release wrote it."""
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        version=np.array([1], dtype=np.int64),
+        sha256=np.array(["a" * 64, "b" * 64], dtype=np.str_),
+        recipe=np.array(["r1", "r2"], dtype=np.str_),
+        width=np.array([3, 5], dtype=np.int64),
+        height=np.array([4, 6], dtype=np.int64),
+        hash=np.array(["00000000000000ff", "1"], dtype=np.str_),
+        descriptor=np.frombuffer(b"xyz", dtype=np.uint8),
+        offsets=np.array([0, 2, 3], dtype=np.int64),
+    )
+    (tmp_path / "v1.npz").write_bytes(buf.getvalue())
+    cache = HashCache.load(str(tmp_path / "v1.npz"))
+    assert cache.get("a" * 64, "r1") == (3, 4, 255, b"xy")
+    assert cache.get("b" * 64, "r2") == (5, 6, 1, b"z")
+    # Saved again in the current format, the same entries come back.
+    cache.save(str(tmp_path / "v2.npz"))
+    assert list(HashCache.load(str(tmp_path / "v2.npz")).items()) == list(cache.items())

@@ -32,9 +32,10 @@ digits of the smallest sha256 in the cluster.
 
 Scaling
     Hashing is per file and parallel. The pair search is parallel too in Beam: each
-    hash is emitted under its ``t + 1`` block keys, each bucket is verified on its
-    own worker, and the in-memory :func:`kaedama.neighbors.find_pairs` handles a
-    million hashes in seconds on one core (see BENCHMARKS.md). Buckets grow as
+    hash is emitted under its ``t + 1`` block keys, the buckets are verified in
+    ``(block, shard)`` groups spread over workers (:mod:`kaedama.dedup_job`), and
+    the in-memory :func:`kaedama.neighbors.find_pairs` handles a million hashes in
+    seconds on one core (see BENCHMARKS.md). Buckets grow as
     N / 2^(64/(t+1)) for spread-out hashes; hashes that share blocks (blank or uniform
     images) make large buckets, which are logged and verified in bounded chunks, and
     identical hashes cost their output pairs only. The single-worker part is this
@@ -65,6 +66,7 @@ from kaedama.errors import KaedamaError
 from kaedama.hashing import (
     DESCRIPTOR_BYTES,
     DESCRIPTOR_VERSION,
+    DRAFT_SIZE,
     HashingError,
     HashRecipe,
     ImageRecord,
@@ -97,9 +99,23 @@ class DedupConfig:
         default="phash", metadata={"help": "perceptual hash (imagehash-compatible bits)"}
     )
     hash_size: int = field(default=8, metadata={"help": "hash grid side; bits = hash_size^2"})
+    hash_method: Literal["fast", "imagehash"] = field(
+        default="fast",
+        metadata={
+            "help": "fast: kaedama's implementation of imagehash's pHash; imagehash: "
+            "imagehash's own functions (with reduced_decode=false: imgdupes' bits)"
+        },
+    )
     reduced_decode: bool = field(
         default=True,
         metadata={"help": "decode JPEGs at reduced size before hashing (faster; recipe recorded)"},
+    )
+    draft_size: int = field(
+        default=DRAFT_SIZE,
+        metadata={
+            "help": "reduced decode: smallest side kept, in pixels (64 is ~2x faster on "
+            "small photos, with a small recall cost: see BENCHMARKS.md)"
+        },
     )
     threshold: int = field(
         default=4, metadata={"help": "near-duplicate candidates: Hamming distance <= this"}
@@ -146,7 +162,13 @@ class DedupConfig:
 
     def recipe(self) -> HashRecipe:
         """The hash recipe these settings describe."""
-        return HashRecipe(self.hash_algorithm, self.hash_size, self.reduced_decode)
+        return HashRecipe(
+            self.hash_algorithm,
+            self.hash_size,
+            self.reduced_decode,
+            method=self.hash_method,
+            draft_size=self.draft_size,
+        )
 
 
 @dataclass

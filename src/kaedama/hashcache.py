@@ -4,7 +4,9 @@ Entries are keyed by ``(sha256 of the bytes, HashRecipe.key())``: the same bytes
 another name or label hit the cache, and a hash made by another recipe (algorithm,
 size, decode path, imagehash or Pillow version) never does. The file is one ``.npz``
 (NumPy arrays, no pickle) written through :mod:`kaedama.storage`, so it can live
-next to the manifest on local disk or in a bucket.
+next to the manifest on local disk or in a bucket. It is stored uncompressed: the
+descriptors (most of its bytes) are thumbnails that barely compress, and writing it
+must not cost the job a second.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from kaedama import storage
 from kaedama.errors import KaedamaError
 from kaedama.hashing import HashRecipe, hash_to_hex, hex_to_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (unicode arrays, one recipe string per entry, compressed) is still read.
+READABLE_VERSIONS = (1, 2)
 
 
 class HashCacheError(KaedamaError):
@@ -92,20 +96,24 @@ class HashCache:
     # ------------------------------------------------------------------ persistence
 
     def to_bytes(self) -> bytes:
-        """The ``.npz`` encoding of the cache."""
+        """The ``.npz`` encoding of the cache (format :data:`FORMAT_VERSION`)."""
         keys = sorted(self._entries)
         values = [self._entries[k] for k in keys]
         descriptors = [v.descriptor for v in values]
         offsets = np.cumsum([0] + [len(d) for d in descriptors], dtype=np.int64)
+        recipes = sorted({k[1] for k in keys})
+        index = {r: n for n, r in enumerate(recipes)}
         buf = io.BytesIO()
-        np.savez_compressed(
+        np.savez(
             buf,
             version=np.array([FORMAT_VERSION], dtype=np.int64),
-            sha256=np.array([k[0] for k in keys], dtype=np.str_),
-            recipe=np.array([k[1] for k in keys], dtype=np.str_),
+            # ASCII bytes, not numpy unicode (4 bytes per character).
+            sha256=np.array([k[0].encode("ascii") for k in keys], dtype=np.bytes_),
+            recipes=np.array(recipes, dtype=np.str_),
+            recipe_index=np.array([index[k[1]] for k in keys], dtype=np.int32),
             width=np.array([v.width for v in values], dtype=np.int64),
             height=np.array([v.height for v in values], dtype=np.int64),
-            hash=np.array([hash_to_hex(v.hash, 4) for v in values], dtype=np.str_),
+            hash=np.array([hash_to_hex(v.hash, 4).encode("ascii") for v in values], np.bytes_),
             descriptor=np.frombuffer(b"".join(descriptors), dtype=np.uint8),
             offsets=offsets,
         )
@@ -113,31 +121,40 @@ class HashCache:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, uri: str = "hash cache") -> HashCache:
-        """Decode what :meth:`to_bytes` wrote."""
+        """Decode what :meth:`to_bytes` wrote (this format or the previous one)."""
         cache = cls()
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 version = int(z["version"][0])
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise HashCacheError(
                         f"{uri}: hash cache format {version} is not supported; delete it "
                         "and it will be rebuilt"
                     )
+                if version == 1:
+                    recipes = z["recipe"].tolist()
+                    shas = z["sha256"].tolist()
+                    hexes = z["hash"].tolist()
+                else:
+                    table = z["recipes"].tolist()
+                    recipes = [table[i] for i in z["recipe_index"].tolist()]
+                    shas = [b.decode("ascii") for b in z["sha256"].tolist()]
+                    hexes = z["hash"].tolist()
                 blob = z["descriptor"].tobytes()
                 offsets = z["offsets"].tolist()
                 for n, (sha, recipe, w, h, hx) in enumerate(
                     zip(
-                        z["sha256"].tolist(),
-                        z["recipe"].tolist(),
+                        shas,
+                        recipes,
                         z["width"].tolist(),
                         z["height"].tolist(),
-                        z["hash"].tolist(),
+                        hexes,
                         strict=True,
                     )
                 ):
                     desc = blob[offsets[n] : offsets[n + 1]]
                     cache._entries[(sha, recipe)] = CachedHash(w, h, hex_to_hash(hx), desc)
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
             raise HashCacheError(
                 f"{uri}: cannot read the hash cache ({exc}); delete it and it will be rebuilt"
             ) from exc

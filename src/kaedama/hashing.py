@@ -2,19 +2,35 @@
 
 Hash recipe
     Every perceptual hash comes from one :class:`HashRecipe` (algorithm, hash size,
-    reduced or full decode). Its :meth:`HashRecipe.key` names the recipe together with
-    the imagehash and Pillow versions, so hashes made by different recipes are never
-    compared: the manifest header records the key once and the hash cache is keyed by it.
+    method, reduced or full decode). Its :meth:`HashRecipe.key` names the recipe
+    together with the library versions that shape the bits, so hashes made by
+    different recipes are never compared: the manifest header records the key once and
+    the hash cache is keyed by it.
 
-Bit compatibility
-    :data:`HASHERS` wraps the ``imagehash`` functions themselves, so a hash equals
-    ``int(str(imagehash.phash(img)), 16)`` bit for bit (first DCT coefficient = most
-    significant bit). The reference recipe is ``reduced_decode=False``: the image is
-    fully decoded by :func:`kaedama.images.decode` and hashed. The fast path
-    (``reduced_decode=True``) asks libjpeg for a DCT-scaled decode (Pillow ``draft``)
-    that is still at least :data:`DRAFT_SIZE` pixels on each side; the hash then
-    resamples that smaller image. For non-JPEG inputs both recipes are identical. How
-    often the two agree bit for bit is measured in ``bench/bench_planted.py``.
+Methods
+    ``imagehash`` (bit-compatible): :data:`HASHERS` wraps the ``imagehash`` functions
+    themselves, so a hash equals ``int(str(imagehash.phash(img)), 16)`` bit for bit
+    (first DCT coefficient = most significant bit). With ``reduced_decode=False`` the
+    image is fully decoded by :func:`kaedama.images.decode`: this is the reference
+    recipe, the hash imgdupes and imagededup compute.
+
+    ``fast`` (the default): imagehash's pHash definition (grayscale, Lanczos resize to
+    a ``4 * hash_size`` square, the ``hash_size x hash_size`` lowest 2-D DCT-II
+    frequencies compared with their median) computed by kaedama: one grayscale
+    conversion shared with the descriptor and the DCT as two small matrix products
+    instead of imagehash's FFT calls. Its bits equal ``imagehash.phash`` of the same
+    decoded image on every photo tested (tests, and all of Caltech-101 in
+    ``bench/bench_planted.py``), flat images included. Floating-point rounding differs
+    between the two DCTs, so a coefficient within ~1e-6 of the median could in
+    principle compare differently: the recipe has its own key and never mixes.
+    Other algorithms use imagehash's functions under either method.
+
+    ``reduced_decode=True`` asks libjpeg for a DCT-scaled decode (Pillow ``draft``)
+    that is still at least ``draft_size`` pixels on each side (1/2, 1/4 or 1/8 scale).
+    Entropy decoding stays, but the inverse DCT, colour conversion and everything after
+    work on a quarter to a sixty-fourth of the pixels. For non-JPEG inputs decoding is
+    the same under both settings. Agreement with the reference recipe and recall on
+    planted copies are measured in ``bench/bench_planted.py`` (see BENCHMARKS.md).
 
 Second signal
     :func:`descriptor` stores a 32x32 grayscale and an 8x8 RGB thumbnail (1,216 bytes);
@@ -32,6 +48,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import imagehash
@@ -45,11 +62,13 @@ from kaedama import images
 if TYPE_CHECKING:
     from kaedama.hashcache import HashCache
 
-# The reduced decode keeps at least this many pixels per side before the hash resamples
-# to 4 * hash_size. Measured in bench/bench_hash.py: large enough that the fast path
-# agrees with the full decode on nearly every image, small enough that a 12 MP phone
-# photo decodes at 1/8 scale.
+# The reduced decode keeps at least this many pixels per side (and at least twice the
+# 4 * hash_size square the hash resamples to). At 256 px a photo under 512 px decodes
+# in full, so its bits equal the reference's, while a 12 MP phone photo decodes at 1/8.
+# 64 px (half-scale decode of ~300 px photos, 2x faster) costs measurable recall on
+# planted copies (BENCHMARKS.md), so it is an option, not the default.
 DRAFT_SIZE = 256
+METHODS = ("fast", "imagehash")
 # Second signal: a grayscale thumbnail for detail and a coarser RGB one for colour.
 DETAIL_SIZE = 32
 COLOUR_SIZE = 8
@@ -107,12 +126,18 @@ class HashRecipe:
     Attributes:
         algorithm: key of :data:`HASHERS` (phash, ahash, dhash, whash).
         hash_size: side of the bit grid; the hash has ``hash_size ** 2`` bits.
-        reduced_decode: decode JPEGs at a reduced size (>= DRAFT_SIZE per side) first.
+        reduced_decode: decode JPEGs at a reduced size (>= ``draft_size`` per side) first.
+        method: ``fast`` (kaedama's implementation of imagehash's pHash) or
+            ``imagehash`` (imagehash's own functions); see the module docstring. Only
+            pHash has a fast implementation.
+        draft_size: the reduced decode's minimum side in pixels.
     """
 
     algorithm: str = "phash"
     hash_size: int = 8
     reduced_decode: bool = True
+    method: str = "fast"
+    draft_size: int = DRAFT_SIZE
 
     def __post_init__(self) -> None:
         if self.algorithm not in HASHERS:
@@ -123,6 +148,10 @@ class HashRecipe:
             raise HashingError(f"hash_size must be >= 2, got {self.hash_size}")
         if self.algorithm == "whash" and self.hash_size & (self.hash_size - 1):
             raise HashingError(f"whash needs a power-of-two hash_size, got {self.hash_size}")
+        if self.method not in METHODS:
+            raise HashingError(f"unknown hash method {self.method!r}; choose one of {METHODS}")
+        if self.draft_size < 1:
+            raise HashingError(f"draft_size must be >= 1, got {self.draft_size}")
 
     @property
     def bits(self) -> int:
@@ -130,16 +159,30 @@ class HashRecipe:
         return self.hash_size * self.hash_size
 
     @property
+    def fast(self) -> bool:
+        """True when kaedama's own pHash implementation makes the hash."""
+        return self.method == "fast" and self.algorithm == "phash"
+
+    @property
     def draft(self) -> tuple[int, int] | None:
         """The reduced-decode target size handed to the decoder, or None for a full decode."""
         if not self.reduced_decode:
             return None
-        side = max(DRAFT_SIZE, 4 * self.hash_size)
+        side = max(self.draft_size, 8 * self.hash_size)
         return (side, side)
 
     def key(self) -> str:
-        """A stable name for the recipe, e.g. ``phash8-draft256-rgb16-imagehash4.3.2-pillow12.3.0``."""
+        """A stable name for the recipe and the libraries that shape its bits.
+
+        E.g. ``phash8-draft256-g32c8-dct-pillow12.3.0`` (fast) or
+        ``phash8-full-g32c8-imagehash4.3.2-pillow12.3.0`` (the imagehash reference).
+        """
         decode = f"draft{self.draft[0]}" if self.draft else "full"
+        if self.fast:
+            return (
+                f"{self.algorithm}{self.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
+                f"-dct-pillow{PIL.__version__}"
+            )
         return (
             f"{self.algorithm}{self.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
             f"-imagehash{imagehash.__version__}-pillow{PIL.__version__}"
@@ -167,8 +210,51 @@ def descriptor(image: Image.Image) -> bytes:
     both by area averaging.
     """
     gray = image.convert("L").resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BOX)
-    colour = image.convert("RGB").resize((COLOUR_SIZE, COLOUR_SIZE), Image.Resampling.BOX)
-    return gray.tobytes() + colour.tobytes()
+    return gray.tobytes() + _colour_thumbnail(image)
+
+
+def _colour_thumbnail(image: Image.Image) -> bytes:
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((COLOUR_SIZE, COLOUR_SIZE), Image.Resampling.BOX).tobytes()
+
+
+@lru_cache(maxsize=8)
+def _dct_rows(size: int, keep: int) -> np.ndarray:
+    """The first ``keep`` rows of the unnormalised DCT-II matrix of order ``size``.
+
+    Same scaling as ``scipy.fftpack.dct`` (type II, no normalisation), which imagehash
+    uses; the hash compares coefficients with their median, so scale never matters.
+    """
+    n = np.arange(size)
+    k = np.arange(keep)[:, None]
+    return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * size))
+
+
+def phash_of_square(square: np.ndarray, hash_size: int) -> int:
+    """pHash bits of a ``4 * hash_size`` square grayscale array (imagehash's definition).
+
+    The ``hash_size x hash_size`` lowest frequencies of the 2-D DCT-II, each compared
+    with their median; first coefficient = most significant bit.
+    """
+    rows = _dct_rows(square.shape[0], hash_size)
+    # Rounded so that coefficients that are zero in exact arithmetic (flat or symmetric
+    # images) are exactly zero, as scipy's FFT-based DCT gives them, not rounding noise.
+    low = np.round(rows @ np.asarray(square, dtype=np.float64) @ rows.T, 6).ravel()
+    ordered = np.sort(low)
+    mid = low.size // 2
+    median = ordered[mid] if low.size % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return _bits_to_int(low > median)
+
+
+def _fast_phash_and_descriptor(image: Image.Image, hash_size: int) -> tuple[int, bytes]:
+    """The fast method: imagehash's pHash definition, one grayscale conversion for both signals."""
+    gray = image.convert("L")
+    side = 4 * hash_size
+    square = gray.resize((side, side), Image.Resampling.LANCZOS)
+    detail = gray.resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BOX)
+    return phash_of_square(np.asarray(square), hash_size), detail.tobytes() + _colour_thumbnail(
+        image
+    )
 
 
 def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,6 +386,8 @@ class ImageRecord:
 
 def hash_decoded(image: Image.Image, recipe: HashRecipe) -> tuple[int, bytes]:
     """Perceptual hash and descriptor of an already decoded RGB image."""
+    if recipe.fast:
+        return _fast_phash_and_descriptor(image, recipe.hash_size)
     return HASHERS[recipe.algorithm](image, recipe.hash_size), descriptor(image)
 
 

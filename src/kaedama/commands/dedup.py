@@ -16,13 +16,13 @@ import shlex
 
 from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
 from kaedama.dedup import DedupConfig
+from kaedama.dedup_job import DEFAULT_THUMBNAIL
 from kaedama.errors import KaedamaError
 
 HELP = (
     "Hash images, find exact and near-duplicates and label conflicts; "
     "write a manifest and a review page."
 )
-DEFAULT_THUMBNAIL = 128
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -116,27 +116,33 @@ def pipeline_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _run_beam_job(paths, config: DedupConfig, beam_options: list[str], *, verbose: bool) -> dict:
+    """Run the Beam job (imported only here: --in-process never loads Beam)."""
+    try:
+        # The job lives in the deployable layer.
+        from beam.dedup import run_job
+    except ModuleNotFoundError as exc:
+        raise KaedamaError(
+            f"the dedup job needs Apache Beam and kaedama's beam package ({exc}); "
+            "install kaedama with the 'beam' extra: pip install 'kaedama[beam]', or run "
+            "--in-process for local folders"
+        ) from exc
+    if not verbose:
+        # Beam logs every string type hint and runner detail at INFO.
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    return run_job(paths, config, beam_options)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the Beam job and print the summary table."""
+    """Run the dedup job (the Beam job, or the same steps --in-process); print the summary."""
     try:
         config = build_config(
             DedupConfig, file=args.config, overrides=parse_overrides(args.set), args=args
         )
     except ConfigError as exc:
         raise KaedamaError(f"{exc}; see 'kaedama dedup --help'") from exc
-    try:
-        # The job lives in the deployable layer; import it only when the stage runs.
-        from beam.dedup import JobPaths, default_cache_uri, run_in_process, run_job
-    except ModuleNotFoundError as exc:
-        raise KaedamaError(
-            f"the dedup job needs Apache Beam and kaedama's beam package ({exc}); "
-            "install kaedama with the 'beam' extra: pip install 'kaedama[beam]'"
-        ) from exc
+    from kaedama.dedup_job import JobPaths, default_cache_uri, run_in_process
     from kaedama.report import format_summary
-
-    if not getattr(args, "verbose", False):
-        # Beam logs every string type hint and runner detail at INFO.
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
     paths = JobPaths(
         input=args.src,
@@ -151,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
             raise KaedamaError("--in-process runs without Beam; drop the Beam runner options")
         summary = run_in_process(paths, config, workers=args.workers)
     else:
-        summary = run_job(paths, config, beam_options)
+        summary = _run_beam_job(
+            paths, config, beam_options, verbose=getattr(args, "verbose", False)
+        )
     print(format_summary(summary))
     print(f"\nmanifest, clusters and review page: {args.out}")
     return 0

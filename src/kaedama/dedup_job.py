@@ -1,0 +1,490 @@
+"""The dedup job's steps as plain functions, and an engine that runs them without Beam.
+
+The Beam job (``beam/dedup.py``) wires these functions into transforms; this module
+holds everything that is not wiring, so it never imports Apache Beam:
+
+* where the job reads and writes (:class:`JobPaths`, :func:`check_paths`,
+  :func:`default_cache_uri`), listing (:func:`list_inputs`);
+* per file: :func:`fingerprint` (read, sha256, decode, hash, or the reason it cannot);
+* the distributed pair search's per-element steps (:func:`exact_group`,
+  :func:`identical_pairs`, :func:`bucket_pairs`);
+* the outputs (:func:`thumbnail`, :func:`update_cache`, :func:`plan_copies`,
+  :func:`write_outputs`);
+* :func:`run_in_process`: the whole job on one machine with a pool of forked
+  processes (``kaedama dedup --in-process``). Its outputs are byte-identical to the
+  Beam job's (tested); it only skips the runner's overheads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import posixpath
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kaedama import storage
+from kaedama.dedup import DedupConfig, DedupResult, Rejected, manifest_header, run_local
+from kaedama.errors import KaedamaError
+from kaedama.hashcache import HashCache
+from kaedama.hashing import HashRecipe, ImageRecord, hash_image_bytes
+from kaedama.images import ImageError
+from kaedama.manifest import read_input, write_manifest
+from kaedama.neighbors import block_keys, pairs_in_bucket
+from kaedama.report import render_report, thumbnail_data_uri
+
+log = logging.getLogger(__name__)
+
+# Reason recorded for a file that is listed but cannot be read at all (storage error).
+UNREADABLE = "unreadable"
+
+MANIFEST_NAME = "manifest.jsonl"
+CLUSTERS_NAME = "clusters.jsonl"
+CANDIDATES_NAME = "candidates.jsonl"
+REJECTED_NAME = "rejected.jsonl"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.html"
+CACHE_FOLDER = "cache"
+DEFAULT_THUMBNAIL = 128
+
+
+class DedupJobError(KaedamaError):
+    """The job's arguments are inconsistent (e.g. the output lies inside the input)."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where the job reads and writes.
+
+    Attributes:
+        input: ImageFolder root or CSV/JSONL list (local or gs://).
+        output: folder for the outputs.
+        cache: hash cache file; default ``<output>/cache/hashes-<recipe key>.npz``.
+        materialize: optional prefix to copy kept images to (``<prefix>/<label>/<name>``).
+        thumbnail_size: longest side of the review page's thumbnails, in pixels.
+    """
+
+    input: str
+    output: str
+    cache: str = ""
+    materialize: str = ""
+    thumbnail_size: int = DEFAULT_THUMBNAIL
+
+
+def default_cache_uri(output: str, config: DedupConfig) -> str:
+    """The hash cache next to the outputs, named by the hash recipe."""
+    return storage.join(output, CACHE_FOLDER, f"hashes-{config.recipe().key()}.npz")
+
+
+def is_list_input(source: str) -> bool:
+    """True when the input is a CSV/JSONL list of files rather than an ImageFolder root."""
+    return source.lower().endswith((".csv", ".jsonl", ".ndjson")) and not source.endswith("/")
+
+
+def is_local(uri: str) -> bool:
+    """True for a local path (or an unset one), False for ``gs://`` and other schemes."""
+    return not uri or "://" not in uri
+
+
+def _normal(uri: str) -> str:
+    return uri.rstrip("/") if storage.is_gcs(uri) else os.path.abspath(uri)
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = _normal(child), _normal(parent)
+    return child == parent or child.startswith(parent + "/")
+
+
+def check_paths(paths: JobPaths) -> None:
+    """Refuse outputs that would touch or be re-listed as sources.
+
+    Raises:
+        DedupJobError: the output, the cache or the materialize prefix lies inside the
+            input folder (or the reverse), so a re-run would hash its own outputs.
+    """
+    if is_list_input(paths.input):
+        # The sources are the listed URIs; plan_copies checks materialize targets against them.
+        return
+    targets = (
+        ("--output", paths.output),
+        ("--cache", paths.cache),
+        ("--materialize", paths.materialize),
+    )
+    for name, target in targets:
+        if target and (_inside(target, paths.input) or _inside(paths.input, target)):
+            raise DedupJobError(
+                f"{name} {target} overlaps the input folder {paths.input}: the job never "
+                "writes into its sources and would list its own outputs as images next time; "
+                "choose a folder outside the input"
+            )
+
+
+def list_inputs(source: str) -> list[tuple[str, str]]:
+    """``(uri, label)`` for every file under an ImageFolder root, or every row of a list."""
+    return [(row.uri, row.label) for row in read_input(source)]
+
+
+# --------------------------------------------------------------------------- per file
+
+
+def fingerprint(
+    item: tuple[str, str],
+    config: DedupConfig,
+    recipe: HashRecipe,
+    cache: HashCache | None = None,
+) -> ImageRecord | Rejected:
+    """Read one file and fingerprint it, or say why it cannot be: never raises for a bad file.
+
+    Returns:
+        The :class:`ImageRecord`, or a :class:`Rejected` with the decoder's reason
+        (``unreadable`` when storage could not read the file at all).
+    """
+    uri, label = item
+    try:
+        data = storage.read_bytes(uri)
+        mtime = storage.stat(uri).mtime if config.exact_keep == "oldest" else 0.0
+    except storage.StorageError as exc:
+        return Rejected(uri, label, UNREADABLE, str(exc))
+    try:
+        return hash_image_bytes(
+            uri, label, data, recipe, max_pixels=config.max_pixels, mtime=mtime, cache=cache
+        )
+    except ImageError as exc:
+        return Rejected(uri, label, exc.reason, exc.message, len(data))
+
+
+# --------------------------------------------------------------------------- pair search steps
+
+# Buckets up to this many distinct hashes are verified pair by pair in Python.
+SMALL_BUCKET = 32
+# Shards per hash block in the distributed pair search (see block_entries).
+SHARDS = 64
+
+# A group of files with identical bytes: (sha256, hash, sorted URIs). Plain tuples keep
+# a runner's coders on their fast path (no pickling) through shuffles.
+Group = tuple[str, int, tuple[str, ...]]
+
+
+def exact_group(sha256: str, members: Iterable[tuple[str, int]]) -> Group:
+    """The :data:`Group` of the ``(uri, hash)`` members sharing one sha256."""
+    ordered = sorted(members)
+    return (sha256, ordered[0][1], tuple(uri for uri, _ in ordered))
+
+
+def identical_pairs(group: Group) -> Iterator[tuple[str, str, int]]:
+    """Every pair of identical files in a group, ``(a, b, 0)`` with ``a < b``."""
+    uris = group[2]
+    for i, a in enumerate(uris):
+        for b in uris[i + 1 :]:
+            yield (a, b, 0)
+
+
+def _share_earlier_block(ha: int, hb: int, block: int, threshold: int, bits: int) -> bool:
+    ka = block_keys(ha, threshold, bits)[:block]
+    kb = block_keys(hb, threshold, bits)[:block]
+    return any(x == y for x, y in zip(ka, kb, strict=True))
+
+
+def bucket_pairs(
+    block: int, groups: Sequence[Group], threshold: int, bits: int, max_bucket: int
+) -> Iterator[tuple[str, str, int]]:
+    """Verified ``(uri_a, uri_b, distance)`` pairs of one multi-index-hashing bucket.
+
+    The bucket holds the groups whose hash has one value in block ``block`` (see
+    :func:`kaedama.neighbors.block_keys`). A pair of hashes may share several blocks
+    and so meet in several buckets; it is reported only from the bucket of the first
+    block they share, so that over all buckets every pair comes out exactly once.
+    """
+    if len(groups) < 2:
+        return
+    by_sha = {sha: (h, uris) for sha, h, uris in groups}
+    if len(by_sha) <= SMALL_BUCKET:
+        # Most buckets hold a handful of hashes: plain ints beat numpy's per-call cost.
+        members = sorted((sha, h) for sha, (h, _) in by_sha.items())
+        found = [
+            (sa, sb, d)
+            for i, (sa, ha) in enumerate(members)
+            for sb, hb in members[i + 1 :]
+            if (d := (ha ^ hb).bit_count()) <= threshold
+        ]
+    else:
+        found = pairs_in_bucket(
+            [(sha, h) for sha, (h, _) in by_sha.items()], threshold, max_bucket=max_bucket
+        )
+    for sha_a, sha_b, dist in found:
+        (ha, uris_a), (hb, uris_b) = by_sha[sha_a], by_sha[sha_b]
+        if block and _share_earlier_block(ha, hb, block, threshold, bits):
+            continue
+        for a in uris_a:
+            for b in uris_b:
+                yield (a, b, dist) if a < b else (b, a, dist)
+
+
+def block_entries(
+    group: Group, threshold: int, bits: int
+) -> Iterator[tuple[tuple[int, int], tuple[int, Group]]]:
+    """``((block, shard), (block value, group))`` for each of the group's block keys.
+
+    A distributed search groups by ``(block, shard)`` rather than by the exact block
+    value: one worker call then verifies all the (mostly tiny) buckets of one shard,
+    instead of one call per bucket, and ``(threshold + 1) * SHARDS`` keys still spread
+    the work.
+    """
+    for block, value in block_keys(group[1], threshold, bits):
+        yield (block, value % SHARDS), (value, group)
+
+
+def shard_pairs(
+    block: int,
+    entries: Iterable[tuple[int, Group]],
+    threshold: int,
+    bits: int,
+    max_bucket: int,
+) -> Iterator[tuple[str, str, int]]:
+    """:func:`bucket_pairs` over every bucket (block value) of one shard of a block."""
+    buckets: dict[int, list[Group]] = defaultdict(list)
+    for value, group in entries:
+        buckets[value].append(group)
+    for members in buckets.values():
+        yield from bucket_pairs(block, members, threshold, bits, max_bucket)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _jsonl(items: Iterable[Any]) -> str:
+    return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+
+
+def _candidate_json(pair: Sequence[Any]) -> dict[str, Any]:
+    a, b, dist, sim, ok = pair
+    return {"a": a, "b": b, "distance": dist, "similarity": sim, "confirmed": ok}
+
+
+def _rejected_json(row) -> dict[str, Any]:
+    return {
+        "uri": row.uri,
+        "label": row.label,
+        "reason": row.reason,
+        "message": row.extra.get("message", ""),
+        "bytes": row.bytes,
+    }
+
+
+# One hash cache entry as plain values: (sha256, width, height, hash, descriptor).
+CacheEntry = tuple[str, int, int, int, bytes]
+
+
+def cache_entry(record: ImageRecord) -> CacheEntry:
+    """The hash cache entry of one record, as a plain tuple (cheap for a runner to move)."""
+    return (record.sha256, record.width, record.height, record.hash, record.descriptor)
+
+
+def cache_of(entries: Iterable[CacheEntry], recipe_key: str) -> HashCache:
+    """A :class:`HashCache` holding ``entries`` under ``recipe_key``."""
+    cache = HashCache()
+    for sha, width, height, h, desc in entries:
+        cache.put(sha, recipe_key, width, height, h, desc)
+    return cache
+
+
+def update_cache(new: HashCache, cache_uri: str) -> dict[str, Any]:
+    """Merge this run's fingerprints (see :func:`cache_of`) into the cache file.
+
+    Returns:
+        ``{"uri", "hits", "decoded", "entries_before", "entries"}`` for the summary.
+
+    The file is rewritten only when this run added an entry (or it does not exist):
+    a re-run over unchanged inputs reads it and leaves it alone.
+    """
+    cache = HashCache.load(cache_uri)
+    before = len(cache)
+    hits = sum(1 for key, _ in new.items() if key in cache)
+    if hits < len(new) or not storage.exists(cache_uri):
+        cache.update(new)
+        cache.save(cache_uri)
+    return {
+        "uri": cache_uri,
+        "hits": hits,
+        "decoded": len(new) - hits,
+        "entries_before": before,
+        "entries": len(cache),
+    }
+
+
+def plan_copies(result: DedupResult, paths: JobPaths) -> list[tuple[str, str]]:
+    """``(source, destination)`` for every kept image under ``paths.materialize``.
+
+    ImageFolder inputs keep their relative layout; list inputs go to
+    ``<prefix>/<label>/<file name>``, with the sha256 prefixed when two names collide.
+
+    Raises:
+        DedupJobError: a destination would overwrite one of the input files.
+    """
+    if not paths.materialize:
+        return []
+    folder = not is_list_input(paths.input)
+    sources = {row.uri for row in result.rows}
+    copies: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for row in result.rows:
+        if row.status != "kept":
+            continue
+        if folder:
+            rel = storage.relative_to(row.uri, paths.input)
+        else:
+            rel = posixpath.join(row.label, posixpath.basename(row.uri.rstrip("/")))
+        if rel in taken:
+            head, tail = posixpath.split(rel)
+            rel = posixpath.join(head, f"{row.sha256[:12]}-{tail}")
+        taken.add(rel)
+        target = storage.join(paths.materialize, rel)
+        if target in sources:
+            raise DedupJobError(
+                f"--materialize would overwrite the input file {target}; choose a prefix "
+                "outside the input files' folders"
+            )
+        copies.append((row.uri, target))
+    return copies
+
+
+def copy_file(pair: tuple[str, str]) -> str:
+    """Copy ``(source, destination)``; returns the destination. Never deletes the source."""
+    storage.copy(pair[0], pair[1])
+    return pair[1]
+
+
+def cluster_uris(result: DedupResult) -> Iterator[str]:
+    """The URI of every cluster member: the images the review page shows."""
+    for cluster in result.clusters:
+        for member in cluster["members"]:
+            yield member["uri"]
+
+
+def thumbnail(uri: str, size: int, max_pixels: int) -> tuple[str, str | None]:
+    """``(uri, data URI of its thumbnail)``; None (a placeholder on the page) if unreadable."""
+    try:
+        return uri, thumbnail_data_uri(storage.read_bytes(uri), size=size, max_pixels=max_pixels)
+    except (storage.StorageError, ImageError) as exc:
+        # The file was hashed earlier in the job, so this is rare (e.g. deleted meanwhile).
+        log.warning("no thumbnail for %s: %s", uri, exc)
+        return uri, None
+
+
+def write_outputs(
+    result: DedupResult,
+    thumbnails: dict[str, str | None],
+    cache_stats: dict[str, Any],
+    paths: JobPaths,
+    config: DedupConfig,
+) -> dict[str, Any]:
+    """Write every output file of the job to ``paths.output``; returns the summary."""
+    out = paths.output
+    summary = dict(result.summary)
+    summary["input_uri"] = paths.input
+    summary["hash_cache"] = cache_stats
+    if paths.materialize:
+        summary["materialized"] = {"prefix": paths.materialize, "copied": summary["kept"]}
+    write_manifest(storage.join(out, MANIFEST_NAME), result.rows, manifest_header(config))
+    storage.write_text(storage.join(out, CLUSTERS_NAME), _jsonl(result.clusters))
+    storage.write_text(
+        storage.join(out, CANDIDATES_NAME), _jsonl(map(_candidate_json, result.candidate_pairs))
+    )
+    storage.write_text(
+        storage.join(out, REJECTED_NAME),
+        _jsonl(_rejected_json(r) for r in result.rows if r.status == "rejected"),
+    )
+    storage.write_text(
+        storage.join(out, SUMMARY_NAME), json.dumps(summary, ensure_ascii=False, indent=2) + "\n"
+    )
+    html = render_report(result.clusters, summary, thumbnails.get, rows=result.rows)
+    storage.write_text(storage.join(out, REPORT_NAME), html)
+    return summary
+
+
+# --------------------------------------------------------------------------- in process
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _init_worker(config: DedupConfig, cache: HashCache) -> None:
+    _WORKER_STATE.update(config=config, recipe=config.recipe(), cache=cache)
+
+
+def _fingerprint_in_worker(item: tuple[str, str]) -> ImageRecord | Rejected:
+    state = _WORKER_STATE
+    return fingerprint(item, state["config"], state["recipe"], state["cache"])
+
+
+class _PhaseClock:
+    """Logs how long each phase of the in-process engine took (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        log.info("%s: %.2f s", what, now - self.last)
+        self.last = now
+
+
+def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) -> dict[str, Any]:
+    """The same job without Beam, on this machine: same core calls, identical outputs.
+
+    For local inputs where a runner's start-up and per-element costs dominate (a few
+    thousand photos on a laptop). Each step calls the function the Beam job calls:
+    :func:`fingerprint` per file (in a pool of forked processes), then
+    :func:`kaedama.dedup.run_local` (the in-memory exact pair search, which finds the
+    same pairs as the Beam job's distributed search, and ``decide``), :func:`thumbnail`,
+    :func:`update_cache`, :func:`write_outputs` and :func:`plan_copies`.
+
+    Args:
+        paths: local input, output, cache and materialize paths.
+        config: the dedup settings.
+        workers: processes for hashing and thumbnails (0 = one per core).
+
+    Returns:
+        The summary, as written to ``summary.json``.
+
+    Raises:
+        DedupJobError: a path is not local, or the paths overlap (:func:`check_paths`).
+    """
+    if not all(is_local(u) for u in (paths.input, paths.output, paths.cache, paths.materialize)):
+        raise DedupJobError(
+            "the in-process engine reads and writes local paths only; run the Beam job "
+            "(without --in-process) for gs:// inputs or outputs"
+        )
+    check_paths(paths)
+    clock = _PhaseClock()
+    items = list_inputs(paths.input)
+    cache = HashCache.load(paths.cache)
+    clock.lap("list + load cache")
+    processes = max(1, workers or os.cpu_count() or 1)
+    # fork: workers inherit the imported modules and the loaded cache, no re-import.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(processes, initializer=_init_worker, initargs=(config, cache)) as pool:
+        chunk = max(1, len(items) // (processes * 16))
+        outs = pool.map(_fingerprint_in_worker, items, chunksize=chunk)
+        records = [o for o in outs if isinstance(o, ImageRecord)]
+        rejected = [o for o in outs if isinstance(o, Rejected)]
+        clock.lap(f"read + hash {len(items)} files in {processes} processes")
+        result = run_local(records, rejected, config)
+        clock.lap("pair search + decide")
+        thumbs = dict(
+            pool.starmap(
+                thumbnail,
+                [(uri, paths.thumbnail_size, config.max_pixels) for uri in cluster_uris(result)],
+            )
+        )
+        pool.map(copy_file, plan_copies(result, paths))
+        clock.lap("thumbnails + copies")
+    new = cache_of(map(cache_entry, records), config.recipe().key())
+    summary = write_outputs(result, thumbs, update_cache(new, paths.cache), paths, config)
+    clock.lap("cache + outputs")
+    return summary
