@@ -14,7 +14,7 @@ import argparse
 import logging
 import shlex
 
-from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
+from kaedama.config import add_stage_arguments, config_from_args
 from kaedama.dedup import DedupConfig
 from kaedama.dedup_job import DEFAULT_THUMBNAIL
 from kaedama.errors import KaedamaError
@@ -52,14 +52,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_THUMBNAIL,
         metavar="PX",
         help=f"review page thumbnail size (default: {DEFAULT_THUMBNAIL})",
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with DedupConfig fields")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override one DedupConfig field (repeatable)",
     )
     parser.add_argument(
         "--in-process",
@@ -99,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="more Beam pipeline options, quoted, e.g. --beam-args '--project p --region "
         "europe-west1 --temp_location gs://b/tmp --setup_file ./pyproject.toml' (repeatable)",
     )
-    add_config_arguments(parser, DedupConfig)
+    add_stage_arguments(parser, DedupConfig)
 
 
 def pipeline_args(args: argparse.Namespace) -> list[str]:
@@ -135,12 +127,7 @@ def _run_beam_job(paths, config: DedupConfig, beam_options: list[str], *, verbos
 
 def run(args: argparse.Namespace) -> int:
     """Run the dedup job (the Beam job, or the same steps --in-process); print the summary."""
-    try:
-        config = build_config(
-            DedupConfig, file=args.config, overrides=parse_overrides(args.set), args=args
-        )
-    except ConfigError as exc:
-        raise KaedamaError(f"{exc}; see 'kaedama dedup --help'") from exc
+    config = config_from_args(DedupConfig, args)
     from kaedama.dedup_job import JobPaths, default_cache_uri, run_in_process
     from kaedama.report import format_summary
 

@@ -23,9 +23,9 @@ import argparse
 import os
 import sys
 
-from kaedama.commands.split import resolve_manifest
-from kaedama.config import ConfigError, add_config_arguments, build_config, parse_overrides
-from kaedama.errors import KaedamaError
+from kaedama.config import add_stage_arguments
+from kaedama.config import config_from_args as stage_config
+from kaedama.manifest import resolve_manifest
 from kaedama.train.config import TrainConfig
 
 HELP = "Fine-tune a timm backbone on a split manifest (one CPU, GPUs, or torchrun nodes)."
@@ -41,25 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DST", help="output folder (local or gs://)"
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with TrainConfig fields")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="override one TrainConfig field (repeatable); flags win over --set, --set over --config",
-    )
-    add_config_arguments(parser, TrainConfig)
+    add_stage_arguments(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config: defaults < ``--config`` file < ``--set`` < flags."""
-    try:
-        return build_config(
-            TrainConfig, file=args.config, overrides=parse_overrides(args.set), args=args
-        )
-    except ConfigError as exc:
-        raise KaedamaError(f"{exc} (see 'kaedama train --help')") from exc
+    return stage_config(TrainConfig, args)
 
 
 def _summary(result: dict) -> str:
