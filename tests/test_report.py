@@ -20,6 +20,7 @@ from PIL import Image
 from kaedama.images import ImageError
 from kaedama.manifest import Row
 from kaedama.report import cluster_order, format_summary, render_report, thumbnail_data_uri
+from tests.processes import stop_process
 
 EVIL = "<script>alert('x')</script>&\"'"
 
@@ -295,12 +296,7 @@ def _browser(tmp_path: Path) -> Iterator[str]:
         port = port_file.read_text().split()[0]
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def load_in_chromium(page: Path, tmp_path: Path) -> dict:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process
+
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _PROJECT = "kaedama-test"
 _START_TIMEOUT_S = 30.0
@@ -74,20 +76,10 @@ def _start_emulator() -> tuple[subprocess.Popen, str, Path]:
             if _answers(url):
                 return proc, url, log
             time.sleep(0.05)
-        _stop(proc)
+        stop_process(proc)
         failures.append(f"port {port}: {log.read_text(errors='replace')[-2000:]}")
         log.unlink(missing_ok=True)
     raise RuntimeError("gcp-storage-emulator did not start:\n" + "\n".join(failures))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +98,7 @@ def gcs_emulator() -> Iterator[str]:
             os.environ.pop(EMULATOR_ENV, None)
         else:
             os.environ[EMULATOR_ENV] = previous
-        _stop(proc)
+        stop_process(proc)
         log.unlink(missing_ok=True)
 
 
