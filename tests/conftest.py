@@ -25,3 +25,18 @@ def shared_datasets() -> Path:
     if not DATASETS.is_dir():
         pytest.skip(f"real-photo datasets not found at {DATASETS} (only on the project's machines)")
     return DATASETS
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test, restored after.
+
+    Tests use tiny tensors on a shared 2-core machine, where a second thread only
+    adds contention.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

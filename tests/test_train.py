@@ -49,13 +49,8 @@ FAST = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CI machine's cores are shared; two threads would thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors on a shared CPU: one intra-op thread per test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def split_manifest(root: Path, path: Path, extra: list[Row] = ()) -> str:
@@ -480,7 +475,7 @@ STEPPED = replace(
 def straight(toy, tmp_path_factory) -> Path:
     """The uninterrupted run that killed-and-resumed runs of _train_cmd must reproduce."""
     out = tmp_path_factory.mktemp("straight")
-    # One thread like the subprocesses (module fixtures run before the autouse one_thread).
+    # One thread like the subprocesses (module fixtures run before one_torch_thread).
     before = torch.get_num_threads()
     try:
         fit(toy[1], str(out), replace(STEPPED, threads=1))
