@@ -5,16 +5,24 @@ options]`` or through ``kaedama dedup SRC --out DST``. The steps (named as they 
 in a runner's UI)::
 
     ListInputs      every file under an ImageFolder root (label = parent folder), or the
-                    rows of a CSV/JSONL list; spread over workers
-    ReadAndHash     read, sha256, decode (reduced-size JPEG decode), perceptual hash;
-                    unreadable files and non-images go to the tagged 'rejected' output
-    ExactGroups     group identical bytes (sha256): every identical pair, distance 0
+                    rows of a CSV/JSONL list, in chunks of a few hundred; spread over
+                    workers
+    ReadAndHash     per chunk: read, sha256, decode (reduced-size JPEG decode),
+                    perceptual hash, a few files at a time per worker; unreadable files
+                    and non-images go to the tagged 'rejected' output
+    ExactGroups     group identical bytes (sha256 shards): every identical pair, distance 0
     NearCandidates  each distinct file under its t + 1 hash-block keys -> GroupByKey on
                     (block, shard) -> exact Hamming check per bucket
-    Gather          records, rejected files and pairs to one worker (one shuffle)
+    Describe        the second signal, only for the images of candidate pairs
+    Gather          records, rejected files, pairs and descriptors to one worker (one
+                    shuffle)
     Decide          kaedama.dedup.decide over all of them
     WriteOutputs    manifest, clusters, candidates, rejected, summary, hash cache and the
                     HTML review page (thumbnails made in parallel); optional copies
+
+Elements are chunks of files and shards of hashes rather than single files: a
+runner's cost is per element, and a few hundred files per element make it negligible
+next to the hashing while thousands of chunks still spread a large dataset.
 
 All logic lives in the core library (the job's steps in ``kaedama.dedup_job``, which
 call ``kaedama.hashing``, ``kaedama.neighbors``, ``kaedama.dedup`` and
@@ -33,6 +41,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -44,25 +53,27 @@ from apache_beam.utils import shared
 from beam.gcs import use_emulator_if_configured
 from kaedama import storage
 from kaedama.config import ConfigError, add_config_arguments, build_config
-from kaedama.dedup import DedupConfig, DedupResult, Rejected, decide
+from kaedama.dedup import DedupConfig, DedupResult, Rejected, decide, with_descriptors
 from kaedama.dedup_job import (
+    CHUNK,
     DEFAULT_THUMBNAIL,
     SUMMARY_NAME,
     DedupJobError,
     Group,
     JobPaths,
-    block_entries,
-    cache_entry,
+    block_shards,
     cache_of,
     check_paths,
     cluster_uris,
     copy_file,
     default_cache_uri,
-    exact_group,
-    fingerprint,
+    describe_file,
+    exact_groups,
+    fingerprint_chunk,
     identical_pairs,
-    list_inputs,
+    list_chunks,
     plan_copies,
+    sha_shards,
     shard_pairs,
     thumbnail,
     update_cache,
@@ -70,6 +81,7 @@ from kaedama.dedup_job import (
 )
 from kaedama.errors import KaedamaError
 from kaedama.hashcache import HashCache
+from kaedama.hashing import ImageRecord
 
 if __name__ == "__main__":
     # ``python -m beam.dedup``: run the importable module instead of this __main__ copy.
@@ -93,18 +105,19 @@ DEFAULT_RUNNER = "FnApiRunner"
 
 
 class ListInputs(beam.PTransform):
-    """``(uri, label)`` for every file under an ImageFolder root, or every row of a list."""
+    """Chunks of ``(uri, label)``: every file under an ImageFolder root, or every row of a list."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, chunk_size: int = CHUNK) -> None:
         super().__init__()
         self.source = source
+        self.chunk_size = chunk_size
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Source" >> beam.Create([self.source])
-            | "List" >> beam.FlatMap(list_inputs)
-            # One listing element fans out to every file: spread them over workers.
+            | "List" >> beam.FlatMap(list_chunks, self.chunk_size)
+            # One listing element fans out to every chunk: spread them over workers.
             | "Spread" >> beam.Reshuffle()
         )
 
@@ -112,41 +125,59 @@ class ListInputs(beam.PTransform):
 # --------------------------------------------------------------------------- ReadAndHash
 
 
-class HashFile(beam.DoFn):
-    """Read one file and fingerprint it; unreadable files and non-images are tagged out.
+class _SharedCache:
+    """Per-process access to the hash cache file, shared by the DoFns of all threads."""
 
-    Main output: :class:`kaedama.hashing.ImageRecord`. Tagged output ``rejected``:
-    :class:`kaedama.dedup.Rejected` with the decoder's reason (or ``unreadable``).
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._shared = shared.Shared()
+
+    def acquire(self) -> HashCache | None:
+        if not self.uri:
+            return None
+        uri = self.uri
+        # Read-only in effect: WriteOutputs merges every record back into the file.
+        return self._shared.acquire(lambda: HashCache.load(uri), tag=uri)
+
+
+class HashChunk(beam.DoFn):
+    """Read and fingerprint a chunk of files; unreadable files and non-images are tagged out.
+
+    Main output: one list of :class:`kaedama.hashing.ImageRecord` per chunk. Tagged
+    output ``rejected``: :class:`kaedama.dedup.Rejected` with the decoder's reason (or
+    ``unreadable``).
     """
 
     def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
         self.config = config
-        self.cache_uri = cache_uri
-        # One cache per worker process, shared by the DoFn instances of all its threads.
-        self._shared_cache = shared.Shared()
-        self._cache: HashCache | None = None
+        self._cache_file = _SharedCache(cache_uri)
         self._files = Metrics.counter("dedup", "files")
         self._rejected = Metrics.counter("dedup", "rejected")
 
     def setup(self) -> None:
         self._recipe = self.config.recipe()
-        if self.cache_uri:
-            uri = self.cache_uri
-            # Read-only in effect: WriteOutputs merges every record back into the file.
-            self._cache = self._shared_cache.acquire(lambda: HashCache.load(uri), tag=uri)
+        self._cache = self._cache_file.acquire()
+        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="hash")
 
-    def process(self, item: tuple[str, str]) -> Iterator[Any]:
-        self._files.inc()
-        out = fingerprint(item, self.config, self._recipe, self._cache)
-        if isinstance(out, Rejected):
-            self._rejected.inc()
-            yield TaggedOutput(REJECTED, out)
-        else:
-            yield out
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+    def process(self, chunk: list[tuple[str, str]]) -> Iterator[Any]:
+        self._files.inc(len(chunk))
+        outs = fingerprint_chunk(chunk, self.config, self._recipe, self._cache, self._pool)
+        records = []
+        for out in outs:
+            if isinstance(out, Rejected):
+                self._rejected.inc()
+                yield TaggedOutput(REJECTED, out)
+            else:
+                records.append(out)
+        if records:
+            yield records
 
 
 class ReadAndHash(beam.PTransform):
-    """``(uri, label)`` -> records (main) and ``rejected`` (tagged) outputs."""
+    """Chunks of ``(uri, label)`` -> record lists (main) and ``rejected`` (tagged) outputs."""
 
     def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
         super().__init__()
@@ -154,7 +185,7 @@ class ReadAndHash(beam.PTransform):
         self.cache_uri = cache_uri
 
     def expand(self, inputs):
-        return inputs | "Hash" >> beam.ParDo(HashFile(self.config, self.cache_uri)).with_outputs(
+        return inputs | "Hash" >> beam.ParDo(HashChunk(self.config, self.cache_uri)).with_outputs(
             REJECTED, main="records"
         )
 
@@ -162,20 +193,21 @@ class ReadAndHash(beam.PTransform):
 # --------------------------------------------------------------------------- ExactGroups
 
 
-def _to_group(item: tuple[str, Iterable[tuple[str, int]]]) -> Group:
-    return exact_group(*item)
-
-
 class ExactGroups(beam.PTransform):
-    """Records -> one group ``(sha256, hash, uris)`` per distinct sha256."""
+    """Record lists -> one list of groups ``(sha256, hash, uris)`` per sha256 shard."""
 
     def expand(self, records):
         return (
             records
-            | "KeyBySha" >> beam.Map(lambda r: (r.sha256, (r.uri, r.hash)))
+            | "ShardBySha" >> beam.FlatMap(sha_shards)
             | "GroupBySha" >> beam.GroupByKey()
-            | "ToGroup" >> beam.Map(_to_group)
+            | "ToGroups" >> beam.Map(lambda item: exact_groups(item[1]))
         )
+
+
+def _identical_pairs(groups: list[Group]) -> Iterator[tuple[str, str, int]]:
+    for group in groups:
+        yield from identical_pairs(group)
 
 
 # --------------------------------------------------------------------------- NearCandidates
@@ -189,13 +221,13 @@ class _VerifyShard(beam.DoFn):
         self.bits = bits
         self.max_bucket = max_bucket
 
-    def process(self, item: tuple[tuple[int, int], Iterable[tuple[int, Group]]]):
+    def process(self, item: tuple[tuple[int, int], Iterable[list[tuple[int, Group]]]]):
         (block, _), entries = item
         yield from shard_pairs(block, entries, self.threshold, self.bits, self.max_bucket)
 
 
 class NearCandidates(beam.PTransform):
-    """Groups -> every ``(uri_a, uri_b, distance)`` within ``threshold``, a < b, once.
+    """Group lists -> every ``(uri_a, uri_b, distance)`` within ``threshold``, a < b, once.
 
     Multi-index hashing: a hash split into ``t + 1`` blocks shares at least one whole
     block with every hash within distance ``t`` (pigeonhole), so each distinct file is
@@ -212,9 +244,48 @@ class NearCandidates(beam.PTransform):
     def expand(self, groups):
         return (
             groups
-            | "BlockKeys" >> beam.FlatMap(block_entries, self.threshold, self.bits)
+            | "BlockKeys" >> beam.FlatMap(block_shards, self.threshold, self.bits)
             | "GroupByShard" >> beam.GroupByKey()
             | "VerifyShards" >> beam.ParDo(_VerifyShard(self.threshold, self.bits, self.max_bucket))
+        )
+
+
+# --------------------------------------------------------------------------- Describe
+
+
+class _DescribeFile(beam.DoFn):
+    """``uri`` -> ``(uri, sha256, descriptor)``, from the hash cache when it has one."""
+
+    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+        self.config = config
+        self._cache_file = _SharedCache(cache_uri)
+
+    def setup(self) -> None:
+        self._recipe = self.config.recipe()
+        self._cache = self._cache_file.acquire()
+
+    def process(self, uri: str):
+        yield describe_file(uri, self.config, self._recipe, self._cache)
+
+
+class Describe(beam.PTransform):
+    """Near pairs -> ``(uri, sha256, descriptor)`` of every image in them, once each.
+
+    The second signal is needed only to confirm candidate pairs, so only their images
+    (a few percent of a typical dataset) are decoded for it.
+    """
+
+    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.cache_uri = cache_uri
+
+    def expand(self, pairs):
+        return (
+            pairs
+            | "PairUris" >> beam.FlatMap(lambda pair: pair[:2])
+            | "Distinct" >> beam.Distinct()
+            | "Describe" >> beam.ParDo(_DescribeFile(self.config, self.cache_uri))
         )
 
 
@@ -259,20 +330,30 @@ class Gather(beam.PTransform):
 # --------------------------------------------------------------------------- Decide
 
 
+def _records(gathered: dict[str, list]) -> list[ImageRecord]:
+    return [record for chunk in gathered["records"] for record in chunk]
+
+
 def _decide(gathered: dict[str, list], config: DedupConfig) -> DedupResult:
+    records = _records(gathered)
     log.info(
-        "deciding over %d images, %d rejected, %d candidate pairs",
-        len(gathered["records"]),
+        "deciding over %d images, %d rejected, %d candidate pairs, %d described",
+        len(records),
         len(gathered["rejected"]),
         len(gathered["pairs"]),
+        len(gathered["descriptors"]),
     )
-    return decide(gathered["records"], gathered["rejected"], gathered["pairs"], config)
+    descriptors = {uri: desc for uri, _, desc in gathered["descriptors"]}
+    return decide(
+        with_descriptors(records, descriptors), gathered["rejected"], gathered["pairs"], config
+    )
 
 
 class Decide(beam.PTransform):
     """Call ``decide`` on the gathered records, rejected files and pairs (one worker).
 
-    Takes the :class:`Gather` output of ``{"records", "rejected", "pairs"}``; returns a
+    Takes the :class:`Gather` output of ``{"records", "rejected", "pairs",
+    "descriptors"}`` (records as lists, one per chunk); returns a
     single-element PCollection holding the :class:`kaedama.dedup.DedupResult`.
     """
 
@@ -288,7 +369,8 @@ class Decide(beam.PTransform):
 
 
 def _save_cache(gathered: dict[str, list], cache_uri: str, recipe_key: str) -> dict[str, Any]:
-    return update_cache(cache_of(map(cache_entry, gathered["records"]), recipe_key), cache_uri)
+    new = cache_of(_records(gathered), gathered["descriptors"], recipe_key)
+    return update_cache(new, cache_uri)
 
 
 def _write(
@@ -354,12 +436,18 @@ class Dedup(beam.PTransform):
         hashed = inputs | "ReadAndHash" >> ReadAndHash(config, self.paths.cache)
         records, rejected = hashed.records, hashed[REJECTED]
         groups = records | "ExactGroups" >> ExactGroups()
-        identical = groups | "IdenticalPairs" >> beam.FlatMap(identical_pairs)
+        identical = groups | "IdenticalPairs" >> beam.FlatMap(_identical_pairs)
         near = groups | "NearCandidates" >> NearCandidates(
             config.threshold, config.recipe().bits, config.max_bucket
         )
+        descriptors = near | "Describe" >> Describe(config, self.paths.cache)
         pairs = (identical, near) | "AllPairs" >> beam.Flatten()
-        gathered = {"records": records, "rejected": rejected, "pairs": pairs} | "Gather" >> Gather()
+        gathered = {
+            "records": records,
+            "rejected": rejected,
+            "pairs": pairs,
+            "descriptors": descriptors,
+        } | "Gather" >> Gather()
         result = gathered | "Decide" >> Decide(config)
         return {"result": result, "gathered": gathered} | "WriteOutputs" >> WriteOutputs(
             self.paths, config

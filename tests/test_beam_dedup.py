@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import apache_beam as beam
@@ -18,7 +20,7 @@ from beam import dedup as job
 from kaedama import dedup_job, storage
 from kaedama.dedup import DedupConfig, Rejected, decide
 from kaedama.hashcache import HashCache
-from kaedama.hashing import hash_image_bytes
+from kaedama.hashing import DESCRIPTOR_BYTES, describe_bytes, hash_image_bytes
 from kaedama.images import REASONS, ImageError
 from kaedama.manifest import read_manifest
 from kaedama.neighbors import brute_force_pairs, hash_array
@@ -92,8 +94,9 @@ def test_list_inputs_folder_every_file_with_parent_label(small_folder):
     root, _ = small_folder
     expected = [(str(p), p.parent.name) for p in sorted(root.rglob("*")) if p.is_file()]
     with _pipeline() as p:
-        listed = p | job.ListInputs(str(root))
-        assert_that(listed, equal_to(expected))
+        chunks = p | job.ListInputs(str(root), chunk_size=5)
+        assert_that(chunks | beam.FlatMap(lambda chunk: chunk), equal_to(expected), label="files")
+        assert_that(chunks | beam.Map(len), equal_to([5, 5, 3]), label="chunks")
     assert len(expected) == 13
 
 
@@ -106,7 +109,7 @@ def test_list_inputs_csv_list_with_unicode_uris(tmp_path, small_folder):
     # Relative URIs resolve against the list's folder.
     (tmp_path / "犬 dog").mkdir()
     with _pipeline() as p:
-        listed = p | job.ListInputs(str(listing))
+        listed = p | job.ListInputs(str(listing)) | beam.FlatMap(lambda chunk: chunk)
         assert_that(
             listed,
             equal_to([(str(root / "猫/a.jpg"), "ねこ"), (str(tmp_path / "犬 dog/c.png"), "いぬ")]),
@@ -120,9 +123,11 @@ def test_read_and_hash_tags_every_bad_file_with_the_decoder_reason(small_folder)
     items.append((missing, "猫"))
     config = DedupConfig()
     with _pipeline() as p:
-        out = p | beam.Create(items) | job.ReadAndHash(config)
+        out = p | beam.Create([items[:6], items[6:]]) | job.ReadAndHash(config)
         assert_that(
-            out.records | "RecordUris" >> beam.Map(lambda r: (r.uri, r.label)),
+            out.records
+            | "Files" >> beam.FlatMap(lambda chunk: chunk)
+            | "RecordUris" >> beam.Map(lambda r: (r.uri, r.label)),
             equal_to([i for i in items if i[0] not in {str(root / b) for b in bad} | {missing}]),
             label="records",
         )
@@ -148,29 +153,29 @@ def test_read_and_hash_uses_the_cache_instead_of_decoding(tmp_path, small_folder
     cache_uri = str(tmp_path / "cache.npz")
     cache.save(cache_uri)
     with _pipeline() as p:
-        out = p | beam.Create([(str(path), "猫")]) | job.ReadAndHash(config, cache_uri)
+        out = p | beam.Create([[(str(path), "猫")]]) | job.ReadAndHash(config, cache_uri)
         assert_that(
-            out.records | beam.Map(lambda r: (r.hash, r.width, r.height, r.sha256)),
+            out.records
+            | beam.FlatMap(lambda chunk: chunk)
+            | beam.Map(lambda r: (r.hash, r.width, r.height, r.sha256)),
             equal_to([(12345, 7, 9, real.sha256)]),
         )
 
 
 def test_exact_groups_and_identical_pairs():
-    records = [
-        ("s1", 5, "gs://b/x/1.jpg"),
-        ("s1", 5, "gs://b/y/2.jpg"),
-        ("s1", 5, "gs://b/x/0.jpg"),
-        ("s2", 6, "gs://b/x/3.jpg"),
+    s1, s2 = hashlib.sha256(b"1").hexdigest(), hashlib.sha256(b"2").hexdigest()
+    chunks = [
+        [_Rec("gs://b/x/1.jpg", s1, 5), _Rec("gs://b/y/2.jpg", s1, 5)],
+        [_Rec("gs://b/x/0.jpg", s1, 5), _Rec("gs://b/x/3.jpg", s2, 6)],
     ]
     with _pipeline() as p:
-        recs = p | beam.Create(records) | beam.Map(lambda t: _Rec(uri=t[2], sha256=t[0], hash=t[1]))
-        groups = recs | job.ExactGroups()
+        groups = p | beam.Create(chunks) | job.ExactGroups() | beam.FlatMap(lambda gs: gs)
         assert_that(
             groups,
             equal_to(
                 [
-                    ("s1", 5, ("gs://b/x/0.jpg", "gs://b/x/1.jpg", "gs://b/y/2.jpg")),
-                    ("s2", 6, ("gs://b/x/3.jpg",)),
+                    (s1, 5, ("gs://b/x/0.jpg", "gs://b/x/1.jpg", "gs://b/y/2.jpg")),
+                    (s2, 6, ("gs://b/x/3.jpg",)),
                 ]
             ),
             label="groups",
@@ -219,7 +224,9 @@ def test_near_candidates_match_brute_force_and_report_each_pair_once(threshold):
                 expected.append((min(a, b), max(a, b), d))
     assert expected, "the planted neighbours must give pairs"
     with _pipeline() as p:
-        found = p | beam.Create(groups) | job.NearCandidates(threshold, 64, 5000)
+        # Group lists as ExactGroups makes them, one per sha256 shard.
+        lists = [groups[i::7] for i in range(7)]
+        found = p | beam.Create(lists) | job.NearCandidates(threshold, 64, 5000)
         # equal_to compares multisets: a pair found in two buckets would fail here.
         assert_that(found, equal_to(expected))
 
@@ -231,12 +238,38 @@ def _records(root: Path, config: DedupConfig):
             continue
         data = path.read_bytes()
         try:
-            recs.append(hash_image_bytes(str(path), path.parent.name, data, config.recipe()))
+            recs.append(
+                hash_image_bytes(str(path), path.parent.name, data, config.recipe(), describe=True)
+            )
         except ImageError as exc:
             rejected.append(
                 Rejected(str(path), path.parent.name, exc.reason, exc.message, len(data))
             )
     return recs, rejected
+
+
+def test_describe_gives_each_pair_image_once_and_prefers_the_cache(tmp_path, small_folder):
+    root, _ = small_folder
+    config = DedupConfig()
+    a, b, c = (str(root / rel) for rel in ("猫/a.jpg", "猫/a-small.png", "犬 dog/c.png"))
+    cached = hash_image_bytes(b, "猫", Path(b).read_bytes(), config.recipe())
+    cache = HashCache()
+    cache.put(cached.sha256, config.recipe(), 1, 1, cached.hash, b"\x07" * DESCRIPTOR_BYTES)
+    cache_uri = str(tmp_path / "cache.npz")
+    cache.save(cache_uri)
+    want = {
+        a: describe_bytes(Path(a).read_bytes()),
+        b: b"\x07" * DESCRIPTOR_BYTES,  # from the cache: not decoded again
+        c: describe_bytes(Path(c).read_bytes()),
+    }
+    with _pipeline() as p:
+        pairs = p | beam.Create([(a, b, 1), (a, c, 3), (b, c, 2)])
+        described = pairs | job.Describe(config, cache_uri)
+        digest = lambda d: hashlib.sha256(d).hexdigest()  # noqa: E731 (short failure output)
+        assert_that(
+            described | beam.Map(lambda t: (t[0], digest(t[2]))),
+            equal_to([(uri, digest(d)) for uri, d in want.items()]),
+        )
 
 
 def test_gather_and_decide_equal_the_core_decision(small_folder):
@@ -248,11 +281,16 @@ def test_gather_and_decide_equal_the_core_decision(small_folder):
     ]
     pairs = [t for t in pairs if t[2] <= config.threshold]
     want = decide(recs, rejected, pairs, config)
+    assert want.summary["confirmed_pairs"] > 0
+    # The job's records carry no descriptor: they come separately, for pair images only.
+    bare = [replace(r, descriptor=b"") for r in recs]
+    descriptors = [(r.uri, r.sha256, r.descriptor) for r in recs]
     with _pipeline() as p:
         gathered = {
-            "records": p | "R" >> beam.Create(recs),
+            "records": p | "R" >> beam.Create([bare[:3], bare[3:]]),
             "rejected": p | "X" >> beam.Create(rejected),
             "pairs": p | "P" >> beam.Create(pairs),
+            "descriptors": p | "D" >> beam.Create(descriptors),
         } | job.Gather()
         result = gathered | job.Decide(config)
         assert_that(

@@ -290,7 +290,7 @@ def test_run_local_on_real_photos(shared_datasets):
     records, rejected = [], []
     for path in paths:
         data = path.read_bytes()
-        records.append(hash_image_bytes(f"bees/{path.name}", "bees", data, recipe))
+        records.append(hash_image_bytes(f"bees/{path.name}", "bees", data, recipe, describe=True))
     source = images.decode(paths[0].read_bytes())
     half = source.resize((source.width // 2, source.height // 2), Image.Resampling.LANCZOS)
     planted = {
@@ -299,7 +299,7 @@ def test_run_local_on_real_photos(shared_datasets):
         "ants/zz_copy.jpg": ("ants", paths[1].read_bytes()),
     }
     for uri, (label, data) in planted.items():
-        records.append(hash_image_bytes(uri, label, data, recipe))
+        records.append(hash_image_bytes(uri, label, data, recipe, describe=True))
     rejected.append(Rejected("bees/empty.jpg", "bees", "empty", "zero bytes"))
     result = run_local(records, rejected, DedupConfig())
     rows = by_uri(result)
@@ -315,9 +315,16 @@ def test_run_local_on_real_photos(shared_datasets):
 
 @pytest.mark.parametrize("threshold", [1, 4])
 def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
+    """The Beam job's pair search, step by step over chunks of records, as its shuffles do."""
     from collections import defaultdict
 
-    from kaedama.dedup_job import block_entries, exact_group, identical_pairs, shard_pairs
+    from kaedama.dedup_job import (
+        block_shards,
+        exact_groups,
+        identical_pairs,
+        sha_shards,
+        shard_pairs,
+    )
     from kaedama.neighbors import brute_force_pairs, hash_array
 
     rnd = random.Random(threshold)
@@ -328,18 +335,28 @@ def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
         for d in range(threshold + 2):
             hashes.append(base ^ sum(1 << b for b in rnd.sample(range(64), d)))
     # Two files with identical bytes form one group; the rest one file each.
-    groups = [exact_group("s0", [("u0b", hashes[0]), ("u0a", hashes[0])])]
-    groups += [exact_group(f"s{i}", [(f"u{i:03d}", h)]) for i, h in enumerate(hashes) if i]
-    assert groups[0] == ("s0", hashes[0], ("u0a", "u0b"))
+    sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(len(hashes))]
+    records = [ImageRecord("u0b", "l", sha[0], 1, 1, 1, hashes[0])]
+    records += [ImageRecord(f"u{i:03d}", "l", sha[i], 1, 1, 1, h) for i, h in enumerate(hashes)]
+    records[1] = ImageRecord("u0a", "l", sha[0], 1, 1, 1, hashes[0])
+    chunks = [records[i::3] for i in range(3)]  # the identical pair lands in two chunks
+    by_sha = defaultdict(list)
+    for chunk in chunks:
+        for key, part in sha_shards(chunk):
+            by_sha[key].append(part)
+    assert len(by_sha) > 1, "the records spread over several sha256 shards"
+    group_lists = [exact_groups(parts) for parts in by_sha.values()]
+    groups = sorted(g for gl in group_lists for g in gl)
+    assert len(groups) == len(hashes) and ("u0a", "u0b") in [g[2] for g in groups]
     shards = defaultdict(list)
-    for group in groups:
-        for key, entry in block_entries(group, threshold, 64):
-            shards[key].append(entry)
+    for gl in group_lists:
+        for key, part in block_shards(gl, threshold, 64):
+            shards[key].append(part)
     assert len(shards) > threshold + 1, "the hashes spread over several shards per block"
     found = [
         p
-        for (block, _), entries in shards.items()
-        for p in shard_pairs(block, entries, threshold, 64, 5000)
+        for (block, _), parts in shards.items()
+        for p in shard_pairs(block, parts, threshold, 64, 5000)
     ]
     found += [p for g in groups for p in identical_pairs(g)]
     uris = [g[2] for g in groups]

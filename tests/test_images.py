@@ -327,6 +327,45 @@ def test_draft_is_ignored_for_png():
     assert decode(encode(photo(300, 200), "PNG"), draft=(50, 50)).size == (300, 200)
 
 
+def _grey_cases() -> dict[str, bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    la = Image.new("LA", (4, 2))
+    la.putdata([(0, 0), (0, 255), (200, 128), (50, 255)] * 2)
+    return {
+        "ycbcr_jpeg": encode(photo(300, 200), "JPEG", quality=90),
+        "rotated_jpeg": encode(photo(80, 40), "JPEG", quality=90, exif=exif.tobytes()),
+        "grey_jpeg": encode(photo(60, 40).convert("L"), "JPEG", quality=90),
+        "cmyk_jpeg": encode(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95),
+        "rgb_png": encode(photo(50, 30), "PNG"),
+        "la_png": encode(la, "PNG"),
+        "16_bit_png": encode(Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_grey_cases()))
+def test_grey_decode_is_the_rgb_decode_in_grey(case):
+    """mode="L": JPEGs decode their luma plane; everything else goes through the RGB path."""
+    data = _grey_cases()[case]
+    grey, info = decode_with_info(data, mode="L")
+    rgb, rgb_info = decode_with_info(data)
+    assert grey.mode == "L" and grey.size == rgb.size and info == rgb_info
+    diff = np.abs(np.asarray(grey, np.int16) - np.asarray(rgb.convert("L"), np.int16))
+    if case.endswith("jpeg") and case != "cmyk_jpeg":
+        # Equal up to libjpeg's rounding of the colour conversion it skips (and its
+        # clamping of saturated colours, which moves a rare pixel a few levels).
+        assert diff.mean() < 0.05 and (diff > 2).mean() < 0.005 and diff.max() <= 16
+    else:
+        assert diff.max() == 0
+    reduced = decode(data, mode="L", draft=(40, 40))
+    assert reduced.mode == "L" and min(reduced.size) >= min(40, *rgb.size)
+
+
+def test_grey_decode_refuses_other_modes():
+    with pytest.raises(ValueError, match="mode"):
+        decode(encode(photo(), "PNG"), mode="CMYK")
+
+
 def test_draft_must_be_positive():
     with pytest.raises(ValueError):
         decode(encode(photo(), "JPEG"), draft=(0, 10))

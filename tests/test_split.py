@@ -561,7 +561,7 @@ def _hashed_manifest(paths_and_labels, path) -> str:
     """A manifest made by the real dedup core (hash recipe in the header) for these files."""
     config = DedupConfig()
     records = [
-        hash_image_bytes(str(p), label, p.read_bytes(), config.recipe())
+        hash_image_bytes(str(p), label, p.read_bytes(), config.recipe(), describe=True)
         for p, label in paths_and_labels
     ]
     write_manifest(str(path), run_local(records, [], config).rows, manifest_header(config))

@@ -50,10 +50,11 @@ Scaling
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -99,11 +100,13 @@ class DedupConfig:
         default="phash", metadata={"help": "perceptual hash (imagehash-compatible bits)"}
     )
     hash_size: int = field(default=8, metadata={"help": "hash grid side; bits = hash_size^2"})
-    hash_method: Literal["fast", "imagehash"] = field(
+    hash_method: Literal["fast", "exact", "imagehash"] = field(
         default="fast",
         metadata={
-            "help": "fast: kaedama's implementation of imagehash's pHash; imagehash: "
-            "imagehash's own functions (with reduced_decode=false: imgdupes' bits)"
+            "help": "fast: pHash from the JPEG's luma plane with a two-step resize (~1.7x "
+            "exact's speed, same recall); exact: kaedama's bit-exact implementation of "
+            "imagehash's pHash; imagehash: imagehash's own functions (with "
+            "reduced_decode=false: imgdupes' bits)"
         },
     )
     reduced_decode: bool = field(
@@ -145,6 +148,13 @@ class DedupConfig:
         default=images.DEFAULT_MAX_PIXELS,
         metadata={"help": "reject images with more pixels than this (decompression bombs)"},
     )
+    read_threads: int = field(
+        default=4,
+        metadata={
+            "help": "files each Beam worker reads and hashes at once (hides object-storage "
+            "latency; Pillow decodes outside the GIL, so they also share a machine's cores)"
+        },
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -159,6 +169,8 @@ class DedupConfig:
             raise ConfigError(f"max_bucket must be >= 2, got {self.max_bucket}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.read_threads < 1:
+            raise ConfigError(f"read_threads must be >= 1, got {self.read_threads}")
 
     def recipe(self) -> HashRecipe:
         """The hash recipe these settings describe."""
@@ -326,13 +338,39 @@ def _candidates(
         dist = (recs[i].hash ^ recs[j].hash).bit_count()
         if dist <= config.threshold:
             pairs.append((i, j, dist))
-    if pairs:
-        sims = descriptor_similarities(
-            [recs[i].descriptor for i, _, _ in pairs], [recs[j].descriptor for _, j, _ in pairs]
+    sims = np.ones(len(pairs), dtype=np.float32)  # identical bytes need no second signal
+    near = [k for k, (i, j, _) in enumerate(pairs) if recs[i].sha256 != recs[j].sha256]
+    described = [k for k in near if recs[pairs[k][0]].descriptor and recs[pairs[k][1]].descriptor]
+    if len(described) < len(near):
+        # The job describes every image of a near pair; one that could not be re-read
+        # (changed or deleted since it was hashed) cannot be confirmed.
+        log.warning(
+            "%d candidate pairs have no descriptor: left unconfirmed", len(near) - len(described)
         )
-    else:
-        sims = np.zeros(0, dtype=np.float32)
+    sims[near] = -1.0
+    if described:
+        sims[described] = descriptor_similarities(
+            [recs[pairs[k][0]].descriptor for k in described],
+            [recs[pairs[k][1]].descriptor for k in described],
+        )
     return pairs, sims
+
+
+def near_pair_uris(candidate_pairs: Iterable[tuple]) -> list[str]:
+    """Sorted URIs of the images in candidate pairs: the ones to describe before deciding.
+
+    Pass the pairs of different files: identical bytes are confirmed by their sha256.
+    """
+    return sorted({uri for pair in candidate_pairs for uri in pair[:2]})
+
+
+def with_descriptors(
+    records: Iterable[ImageRecord], descriptors: Mapping[str, bytes]
+) -> list[ImageRecord]:
+    """The records, each given its descriptor from ``descriptors`` (by URI) when present."""
+    return [
+        replace(r, descriptor=descriptors[r.uri]) if descriptors.get(r.uri) else r for r in records
+    ]
 
 
 def decide(
@@ -548,14 +586,47 @@ def summarise(
     return summary
 
 
+def find_candidate_pairs(
+    records: Sequence[ImageRecord], config: DedupConfig
+) -> list[tuple[str, str, int]]:
+    """Every ``(uri_a, uri_b, distance)`` of different files within the threshold (in memory).
+
+    The exact search of :func:`kaedama.neighbors.find_pairs` over the distinct sha256s;
+    the Beam job finds the same pairs with a distributed multi-index search.
+    """
+    first: dict[str, ImageRecord] = {}
+    for r in sorted(records, key=lambda r: r.uri):
+        first.setdefault(r.sha256, r)
+    distinct = list(first.values())
+    found = find_pairs(
+        hash_array([r.hash for r in distinct], config.recipe().bits),
+        config.threshold,
+        max_bucket=config.max_bucket,
+    )
+    shas = [r.sha256 for r in distinct]
+    members: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        members[r.sha256].append(r.uri)
+    pairs = []
+    for i, j, d in found.tolist():
+        for a in members[shas[i]]:
+            for b in members[shas[j]]:
+                pairs.append((a, b, d) if a < b else (b, a, d))
+    return sorted(pairs)
+
+
 def run_local(
     records: Sequence[ImageRecord], rejected: Sequence[Rejected], config: DedupConfig
 ) -> DedupResult:
-    """Exact in-memory pair search plus :func:`decide`, for tests and small inputs."""
-    recs = sorted(records, key=lambda r: r.uri)
-    bits = config.recipe().bits
-    found = find_pairs(
-        hash_array([r.hash for r in recs], bits), config.threshold, max_bucket=config.max_bucket
-    )
-    pairs = [(recs[i].uri, recs[j].uri, d) for i, j, d in found.tolist()]
-    return decide(recs, rejected, pairs, config)
+    """Exact in-memory pair search plus :func:`decide`, for tests and small inputs.
+
+    The records of near pairs need their descriptors (``hash_image_bytes(...,
+    describe=True)``), or those pairs stay unconfirmed.
+    """
+    members: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        members[r.sha256].append(r.uri)
+    identical = [
+        (a, b, 0) for uris in members.values() for a, b in itertools.combinations(sorted(uris), 2)
+    ]
+    return decide(records, rejected, identical + find_candidate_pairs(records, config), config)

@@ -5,9 +5,11 @@ holds everything that is not wiring, so it never imports Apache Beam:
 
 * where the job reads and writes (:class:`JobPaths`, :func:`check_paths`,
   :func:`default_cache_uri`), listing (:func:`list_inputs`);
-* per file: :func:`fingerprint` (read, sha256, decode, hash, or the reason it cannot);
-* the distributed pair search's per-element steps (:func:`exact_group`,
-  :func:`identical_pairs`, :func:`bucket_pairs`);
+* per chunk of files: :func:`fingerprint_chunk` (read, sha256, decode, hash, or the
+  reason it cannot, with a few threads per worker);
+* the distributed pair search's steps (:func:`sha_shards`, :func:`exact_groups`,
+  :func:`identical_pairs`, :func:`block_shards`, :func:`shard_pairs`);
+* the second signal for the images of candidate pairs only (:func:`describe_file`);
 * the outputs (:func:`thumbnail`, :func:`update_cache`, :func:`plan_copies`,
   :func:`write_outputs`);
 * :func:`run_in_process`: the whole job on one machine with a pool of forked
@@ -17,6 +19,7 @@ holds everything that is not wiring, so it never imports Apache Beam:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -25,14 +28,24 @@ import posixpath
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from kaedama import storage
-from kaedama.dedup import DedupConfig, DedupResult, Rejected, manifest_header, run_local
+from kaedama.dedup import (
+    DedupConfig,
+    DedupResult,
+    Rejected,
+    decide,
+    find_candidate_pairs,
+    manifest_header,
+    near_pair_uris,
+    with_descriptors,
+)
 from kaedama.errors import KaedamaError
 from kaedama.hashcache import HashCache
-from kaedama.hashing import HashRecipe, ImageRecord, hash_image_bytes
+from kaedama.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
 from kaedama.images import ImageError
 from kaedama.manifest import read_input, write_manifest
 from kaedama.neighbors import block_keys, pairs_in_bucket
@@ -129,6 +142,19 @@ def list_inputs(source: str) -> list[tuple[str, str]]:
     return [(row.uri, row.label) for row in read_input(source)]
 
 
+# Files per element of the distributed job: a runner's cost is per element, a photo's
+# hashing ~1 ms, so a few hundred files per element make that cost negligible while
+# thousands of chunks still spread a large dataset over many workers.
+CHUNK = 256
+
+
+def list_chunks(source: str, size: int = CHUNK) -> Iterator[list[tuple[str, str]]]:
+    """:func:`list_inputs` in chunks of at most ``size`` files (the job's unit of work)."""
+    items = list_inputs(source)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 # --------------------------------------------------------------------------- per file
 
 
@@ -158,16 +184,82 @@ def fingerprint(
         return Rejected(uri, label, exc.reason, exc.message, len(data))
 
 
+def fingerprint_chunk(
+    items: Sequence[tuple[str, str]],
+    config: DedupConfig,
+    recipe: HashRecipe,
+    cache: HashCache | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> list[ImageRecord | Rejected]:
+    """:func:`fingerprint` of every file of a chunk, in input order.
+
+    Args:
+        pool: threads to run the files on. Object-storage reads are latency-bound and
+            Pillow decodes and resizes outside the GIL, so a few threads per worker
+            keep its cores busy; None runs them one by one.
+    """
+    if pool is None:
+        return [fingerprint(item, config, recipe, cache) for item in items]
+    return list(pool.map(lambda item: fingerprint(item, config, recipe, cache), items))
+
+
+def describe_file(
+    uri: str, config: DedupConfig, recipe: HashRecipe, cache: HashCache | None = None
+) -> tuple[str, str, bytes]:
+    """``(uri, sha256, descriptor)`` of one image of a candidate pair.
+
+    The cache answers when an earlier run described the same bytes; otherwise the file
+    is read and decoded again (only candidate images pay this). A file that can no
+    longer be read gives an empty descriptor: its pairs stay unconfirmed (logged).
+    """
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, "", b""
+    sha = hashlib.sha256(data).hexdigest()
+    hit = cache.get(sha, recipe) if cache is not None else None
+    if hit is not None and hit.descriptor:
+        return uri, sha, hit.descriptor
+    try:
+        return uri, sha, describe_bytes(data, max_pixels=config.max_pixels, uri=uri)
+    except ImageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, sha, b""
+
+
 # --------------------------------------------------------------------------- pair search steps
 
 # Buckets up to this many distinct hashes are verified pair by pair in Python.
 SMALL_BUCKET = 32
-# Shards per hash block in the distributed pair search (see block_entries).
-SHARDS = 64
+# Keys of the pair search's two shuffles: sha256 shards for exact groups, and shards
+# per hash block for the multi-index buckets ((threshold + 1) * SHARDS keys). They bound
+# the parallelism of those steps and the entries one call holds: ~N * (t + 1) / 80
+# (distinct hash, block value) entries of ~100 bytes, ~60 MB per call at 10M images.
+SHARDS = 16
 
 # A group of files with identical bytes: (sha256, hash, sorted URIs). Plain tuples keep
 # a runner's coders on their fast path (no pickling) through shuffles.
 Group = tuple[str, int, tuple[str, ...]]
+
+
+def sha_shards(
+    records: Iterable[ImageRecord],
+) -> Iterator[tuple[int, list[tuple[str, str, int]]]]:
+    """``(shard, [(sha256, uri, hash), ...])`` per sha256 shard of a chunk's records."""
+    shards: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for r in records:
+        shards[int(r.sha256[:8], 16) % SHARDS].append((r.sha256, r.uri, r.hash))
+    yield from shards.items()
+
+
+def exact_groups(entries: Iterable[Iterable[tuple[str, str, int]]]) -> list[Group]:
+    """One :data:`Group` per distinct sha256 among a shard's ``(sha256, uri, hash)`` lists."""
+    members: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for part in entries:
+        for sha, uri, h in part:
+            members[sha].append((uri, h))
+    return [exact_group(sha, found) for sha, found in sorted(members.items())]
 
 
 def exact_group(sha256: str, members: Iterable[tuple[str, int]]) -> Group:
@@ -225,31 +317,35 @@ def bucket_pairs(
                 yield (a, b, dist) if a < b else (b, a, dist)
 
 
-def block_entries(
-    group: Group, threshold: int, bits: int
-) -> Iterator[tuple[tuple[int, int], tuple[int, Group]]]:
-    """``((block, shard), (block value, group))`` for each of the group's block keys.
+def block_shards(
+    groups: Iterable[Group], threshold: int, bits: int
+) -> Iterator[tuple[tuple[int, int], list[tuple[int, Group]]]]:
+    """``((block, shard), [(block value, group), ...])`` for the groups' block keys.
 
     A distributed search groups by ``(block, shard)`` rather than by the exact block
     value: one worker call then verifies all the (mostly tiny) buckets of one shard,
     instead of one call per bucket, and ``(threshold + 1) * SHARDS`` keys still spread
     the work.
     """
-    for block, value in block_keys(group[1], threshold, bits):
-        yield (block, value % SHARDS), (value, group)
+    shards: dict[tuple[int, int], list[tuple[int, Group]]] = defaultdict(list)
+    for group in groups:
+        for block, value in block_keys(group[1], threshold, bits):
+            shards[(block, value % SHARDS)].append((value, group))
+    yield from shards.items()
 
 
 def shard_pairs(
     block: int,
-    entries: Iterable[tuple[int, Group]],
+    entries: Iterable[Iterable[tuple[int, Group]]],
     threshold: int,
     bits: int,
     max_bucket: int,
 ) -> Iterator[tuple[str, str, int]]:
     """:func:`bucket_pairs` over every bucket (block value) of one shard of a block."""
     buckets: dict[int, list[Group]] = defaultdict(list)
-    for value, group in entries:
-        buckets[value].append(group)
+    for part in entries:
+        for value, group in part:
+            buckets[value].append(group)
     for members in buckets.values():
         yield from bucket_pairs(block, members, threshold, bits, max_bucket)
 
@@ -276,20 +372,21 @@ def _rejected_json(row) -> dict[str, Any]:
     }
 
 
-# One hash cache entry as plain values: (sha256, width, height, hash, descriptor).
-CacheEntry = tuple[str, int, int, int, bytes]
+def cache_of(
+    records: Iterable[ImageRecord], descriptors: Iterable[tuple[str, str, bytes]], recipe_key: str
+) -> HashCache:
+    """A :class:`HashCache` of this run's records under ``recipe_key``.
 
-
-def cache_entry(record: ImageRecord) -> CacheEntry:
-    """The hash cache entry of one record, as a plain tuple (cheap for a runner to move)."""
-    return (record.sha256, record.width, record.height, record.hash, record.descriptor)
-
-
-def cache_of(entries: Iterable[CacheEntry], recipe_key: str) -> HashCache:
-    """A :class:`HashCache` holding ``entries`` under ``recipe_key``."""
+    Args:
+        records: the run's fingerprints.
+        descriptors: ``(uri, sha256, descriptor)`` of the described images
+            (:func:`describe_file`); they join their records by sha256.
+    """
+    by_sha = {sha: desc for _, sha, desc in descriptors if desc}
     cache = HashCache()
-    for sha, width, height, h, desc in entries:
-        cache.put(sha, recipe_key, width, height, h, desc)
+    for r in records:
+        desc = by_sha.get(r.sha256) or r.descriptor
+        cache.put(r.sha256, recipe_key, r.width, r.height, r.hash, desc)
     return cache
 
 
@@ -299,14 +396,13 @@ def update_cache(new: HashCache, cache_uri: str) -> dict[str, Any]:
     Returns:
         ``{"uri", "hits", "decoded", "entries_before", "entries"}`` for the summary.
 
-    The file is rewritten only when this run added an entry (or it does not exist):
-    a re-run over unchanged inputs reads it and leaves it alone.
+    The file is rewritten only when this run added or completed an entry (or it does
+    not exist): a re-run over unchanged inputs reads it and leaves it alone.
     """
     cache = HashCache.load(cache_uri)
     before = len(cache)
     hits = sum(1 for key, _ in new.items() if key in cache)
-    if hits < len(new) or not storage.exists(cache_uri):
-        cache.update(new)
+    if cache.update(new) or not storage.exists(cache_uri):
         cache.save(cache_uri)
     return {
         "uri": cache_uri,
@@ -422,6 +518,11 @@ def _fingerprint_in_worker(item: tuple[str, str]) -> ImageRecord | Rejected:
     return fingerprint(item, state["config"], state["recipe"], state["cache"])
 
 
+def _describe_in_worker(uri: str) -> tuple[str, str, bytes]:
+    state = _WORKER_STATE
+    return describe_file(uri, state["config"], state["recipe"], state["cache"])
+
+
 class _PhaseClock:
     """Logs how long each phase of the in-process engine took (where the time goes)."""
 
@@ -440,9 +541,10 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
     For local inputs where a runner's start-up and per-element costs dominate (a few
     thousand photos on a laptop). Each step calls the function the Beam job calls:
     :func:`fingerprint` per file (in a pool of forked processes), then
-    :func:`kaedama.dedup.run_local` (the in-memory exact pair search, which finds the
-    same pairs as the Beam job's distributed search, and ``decide``), :func:`thumbnail`,
-    :func:`update_cache`, :func:`write_outputs` and :func:`plan_copies`.
+    :func:`kaedama.dedup.find_candidate_pairs` (the in-memory exact pair search, which
+    finds the same pairs as the Beam job's distributed search), :func:`describe_file`
+    for the candidate images, ``decide``, :func:`thumbnail`, :func:`update_cache`,
+    :func:`write_outputs` and :func:`plan_copies`.
 
     Args:
         paths: local input, output, cache and materialize paths.
@@ -464,6 +566,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
     clock = _PhaseClock()
     items = list_inputs(paths.input)
     cache = HashCache.load(paths.cache)
+    recipe = config.recipe()
     clock.lap("list + load cache")
     processes = max(1, workers or os.cpu_count() or 1)
     # fork: workers inherit the imported modules and the loaded cache, no re-import.
@@ -474,8 +577,17 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         records = [o for o in outs if isinstance(o, ImageRecord)]
         rejected = [o for o in outs if isinstance(o, Rejected)]
         clock.lap(f"read + hash {len(items)} files in {processes} processes")
-        result = run_local(records, rejected, config)
-        clock.lap("pair search + decide")
+        near = find_candidate_pairs(records, config)
+        uris = near_pair_uris(near)
+        descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
+        clock.lap(f"pair search + describe {len(uris)} candidate images")
+        groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for r in records:
+            groups[r.sha256].append((r.uri, r.hash))
+        identical = [p for sha, m in groups.items() for p in identical_pairs(exact_group(sha, m))]
+        described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
+        result = decide(described, rejected, identical + near, config)
+        clock.lap("decide")
         thumbs = dict(
             pool.starmap(
                 thumbnail,
@@ -484,7 +596,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         )
         pool.map(copy_file, plan_copies(result, paths))
         clock.lap("thumbnails + copies")
-    new = cache_of(map(cache_entry, records), config.recipe().key())
+    new = cache_of(records, descriptors, recipe.key())
     summary = write_outputs(result, thumbs, update_cache(new, paths.cache), paths, config)
     clock.lap("cache + outputs")
     return summary

@@ -89,9 +89,24 @@ class HashCache:
         for key in sorted(self._entries):
             yield key, self._entries[key]
 
-    def update(self, other: HashCache) -> None:
-        """Merge another cache into this one (e.g. per-worker caches after a run)."""
-        self._entries.update(other._entries)
+    def update(self, other: HashCache) -> int:
+        """Merge another cache into this one (e.g. per-worker caches after a run).
+
+        An entry without a descriptor never replaces one that has it (descriptors are
+        computed only for candidate images, so a later run may not have made one).
+
+        Returns:
+            How many entries were added or changed.
+        """
+        changed = 0
+        for key, entry in other._entries.items():
+            mine = self._entries.get(key)
+            if mine is not None and not entry.descriptor and mine.descriptor:
+                entry = entry._replace(descriptor=mine.descriptor)
+            if mine != entry:
+                self._entries[key] = entry
+                changed += 1
+        return changed
 
     # ------------------------------------------------------------------ persistence
 

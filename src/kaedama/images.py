@@ -329,8 +329,9 @@ def decode_with_info(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: tuple[int, int] | None = None,
     uri: str | None = None,
+    mode: str = "RGB",
 ) -> tuple[Image.Image, ImageInfo]:
-    """Decode to an RGB, upright, first-frame image and return it with its header info.
+    """Decode to an RGB (or grayscale), upright, first-frame image, with its header info.
 
     Args:
         data: the file's bytes.
@@ -340,26 +341,42 @@ def decode_with_info(
             decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at least
             this large. Other formats ignore it. ``info`` stays the full size.
         uri: named in errors.
+        mode: ``"RGB"``, or ``"L"`` for grayscale: colour JPEGs then decode their luma
+            channel only (libjpeg skips the chroma planes' upsampling and the colour
+            conversion, ~1/3 less work); other inputs are converted from their RGB
+            rendering (alpha over white, 16-bit scaled), so both modes agree up to
+            libjpeg's rounding.
 
     Returns:
-        ``(image, info)``: an RGB ``PIL.Image.Image`` and the full-size :class:`ImageInfo`.
+        ``(image, info)``: a ``PIL.Image.Image`` in ``mode`` and the full-size
+        :class:`ImageInfo`.
 
     Raises:
         ImageError: with ``reason`` one of :data:`REASONS`.
     """
     if draft is not None and (len(draft) != 2 or min(int(draft[0]), int(draft[1])) < 1):
         raise ValueError(f"draft must be (width, height) of positive ints, got {draft!r}")
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     data = bytes(data) if isinstance(data, (bytearray, memoryview)) else data
     with _open(data, uri) as img:
         orientation = _orientation(img)
         info = _info(img, orientation)
         _check_pixels(info, max_pixels, uri)
         try:
-            if draft is not None and img.format in ("JPEG", "MPO"):
-                want = draft[::-1] if orientation in _SWAPS_AXES else draft
-                img.draft("RGB", (int(want[0]), int(want[1])))
+            if img.format in ("JPEG", "MPO") and (draft is not None or mode == "L"):
+                want = img.size
+                if draft is not None:
+                    want = draft[::-1] if orientation in _SWAPS_AXES else draft
+                # Pillow honours "L" only for YCbCr/grayscale JPEGs; CMYK stays CMYK.
+                img.draft(mode, (int(want[0]), int(want[1])))
             img.load()
-            rgb = _to_rgb(img, uri)
+            if mode == "L" and img.mode == "L" and "transparency" not in img.info:
+                rgb = img
+            else:
+                rgb = _to_rgb(img, uri)
+                if mode == "L":
+                    rgb = rgb.convert("L")
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -380,12 +397,13 @@ def decode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: tuple[int, int] | None = None,
     uri: str | None = None,
+    mode: str = "RGB",
 ) -> Image.Image:
-    """Decode to an RGB, EXIF-upright, first-frame ``PIL.Image.Image``.
+    """Decode to an RGB (or ``mode="L"`` grayscale), EXIF-upright, first-frame image.
 
     See :func:`decode_with_info` for the arguments; raises :class:`ImageError`.
     """
-    return decode_with_info(data, max_pixels=max_pixels, draft=draft, uri=uri)[0]
+    return decode_with_info(data, max_pixels=max_pixels, draft=draft, uri=uri, mode=mode)[0]
 
 
 def decode_array(
