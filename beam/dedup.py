@@ -77,6 +77,7 @@ from kaedama.dedup_job import (
     shard_pairs,
     thumbnail,
     update_cache,
+    uri_shard,
     write_outputs,
 )
 from kaedama.errors import KaedamaError
@@ -253,8 +254,11 @@ class NearCandidates(beam.PTransform):
 # --------------------------------------------------------------------------- Describe
 
 
-class _DescribeFile(beam.DoFn):
-    """``uri`` -> ``(uri, sha256, descriptor)``, from the hash cache when it has one."""
+class _DescribeShard(beam.DoFn):
+    """``(shard, uris)`` -> ``(uri, sha256, descriptor)`` once per URI, a few files at a time.
+
+    The hash cache answers when an earlier run described the same bytes.
+    """
 
     def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
         self.config = config
@@ -263,16 +267,22 @@ class _DescribeFile(beam.DoFn):
     def setup(self) -> None:
         self._recipe = self.config.recipe()
         self._cache = self._cache_file.acquire()
+        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="describe")
 
-    def process(self, uri: str):
-        yield describe_file(uri, self.config, self._recipe, self._cache)
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+    def process(self, item: tuple[int, Iterable[str]]):
+        describe = lambda uri: describe_file(uri, self.config, self._recipe, self._cache)  # noqa: E731
+        yield from self._pool.map(describe, sorted(set(item[1])))
 
 
 class Describe(beam.PTransform):
     """Near pairs -> ``(uri, sha256, descriptor)`` of every image in them, once each.
 
     The second signal is needed only to confirm candidate pairs, so only their images
-    (a few percent of a typical dataset) are decoded for it.
+    (a few percent of a typical dataset) are decoded for it. URIs are grouped by shard,
+    which also removes repeats (an image in several pairs).
     """
 
     def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
@@ -283,9 +293,9 @@ class Describe(beam.PTransform):
     def expand(self, pairs):
         return (
             pairs
-            | "PairUris" >> beam.FlatMap(lambda pair: pair[:2])
-            | "Distinct" >> beam.Distinct()
-            | "Describe" >> beam.ParDo(_DescribeFile(self.config, self.cache_uri))
+            | "PairUris" >> beam.FlatMap(lambda pair: [(uri_shard(u), u) for u in pair[:2]])
+            | "GroupByShard" >> beam.GroupByKey()
+            | "Describe" >> beam.ParDo(_DescribeShard(self.config, self.cache_uri))
         )
 
 
@@ -383,6 +393,24 @@ def _write(
     return write_outputs(result, dict(thumbnails["thumbnails"]), cache_stats, paths, config)
 
 
+class _ThumbnailShard(beam.DoFn):
+    """``(shard, uris)`` -> ``(uri, thumbnail data URI)``, a few files at a time."""
+
+    def __init__(self, size: int, config: DedupConfig) -> None:
+        self.size = size
+        self.config = config
+
+    def setup(self) -> None:
+        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="thumbnail")
+
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+    def process(self, item: tuple[int, Iterable[str]]):
+        make = lambda uri: thumbnail(uri, self.size, self.config.max_pixels)  # noqa: E731
+        yield from self._pool.map(make, sorted(set(item[1])))
+
+
 class WriteOutputs(beam.PTransform):
     """Thumbnails (parallel), hash cache, then every output file; optional copies.
 
@@ -402,9 +430,10 @@ class WriteOutputs(beam.PTransform):
         )
         thumbs = (
             result
-            | "ClusterMembers" >> beam.FlatMap(cluster_uris)
-            | "SpreadThumbnails" >> beam.Reshuffle()
-            | "Thumbnails" >> beam.Map(thumbnail, self.paths.thumbnail_size, self.config.max_pixels)
+            | "ClusterMembers"
+            >> beam.FlatMap(lambda r: [(uri_shard(u), u) for u in cluster_uris(r)])
+            | "GroupByShard" >> beam.GroupByKey()
+            | "Thumbnails" >> beam.ParDo(_ThumbnailShard(self.paths.thumbnail_size, self.config))
         )
         thumbs = {"thumbnails": thumbs} | "GatherThumbnails" >> Gather()
         if self.paths.materialize:

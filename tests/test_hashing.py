@@ -194,6 +194,31 @@ def test_descriptor_signal_on_made_images():
     assert descriptor_similarity(white, d) <= 0.0
 
 
+def test_box_filter_and_warps_equal_their_direct_definitions():
+    """The descriptor's matrix forms of the 5x5 mean and the zoom/shift warps."""
+    from scipy.ndimage import uniform_filter
+
+    rng = np.random.default_rng(1)
+    imgs = (rng.random((3, 32, 32)) * 255).astype(np.float32)
+    box = uniform_filter(imgs, size=(1, 5, 5), mode="nearest")
+    assert np.abs(hashing._box5(imgs) - box).max() < 1e-3
+    # Bilinear sampling at zoomed/shifted positions, pixel by pixel, edges clamped.
+    zoom, dy, dx = 1.06, 1, -1
+    c = 31 / 2
+    pos_y = np.clip((np.arange(32) - c) / zoom + c + dy, 0, 31)
+    pos_x = np.clip((np.arange(32) - c) / zoom + c + dx, 0, 31)
+    want = np.zeros((32, 32))
+    for i, y in enumerate(pos_y):
+        for j, x in enumerate(pos_x):
+            y0, x0 = min(int(y), 30), min(int(x), 30)
+            fy, fx = y - y0, x - x0
+            patch = imgs[0, y0 : y0 + 2, x0 : x0 + 2]
+            want[i, j] = np.array([1 - fy, fy]) @ patch @ np.array([1 - fx, fx])
+    wy, wx = hashing._axis_warp(zoom, dy), hashing._axis_warp(zoom, dx)
+    assert np.abs(wy @ imgs[0] @ wx.T - want).max() < 1e-3
+    assert len(hashing._warps()) == 27
+
+
 def test_hex_round_trip_and_recipe_keys():
     assert hash_to_hex(0xAB) == "00000000000000ab"
     assert hash_to_hex(1, 256) == "0" * 63 + "1"

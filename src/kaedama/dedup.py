@@ -58,8 +58,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from kaedama import images
 from kaedama.config import ConfigError, config_to_dict
@@ -259,14 +257,24 @@ class _Decision:
 
 
 def _components(n: int, edges_a: np.ndarray, edges_b: np.ndarray) -> np.ndarray:
-    """Connected-component label per node (scipy, O(n + edges))."""
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    graph = coo_matrix(
-        (np.ones(edges_a.size, dtype=np.int8), (edges_a, edges_b)), shape=(n, n)
-    ).tocsr()
-    _, labels = connected_components(graph, directed=False)
-    return labels
+    """Connected-component label per node: union-find, O((n + edges) * alpha(n)).
+
+    The label of a component is its smallest node. Edges are few (duplicates are rare),
+    so a plain loop over them beats importing a graph library.
+    """
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+
+    for a, b in zip(edges_a.tolist(), edges_b.tolist(), strict=True):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(i) for i in range(n)], dtype=np.int64)
 
 
 def _dedup_within_label(

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import posixpath
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +242,11 @@ SHARDS = 16
 # A group of files with identical bytes: (sha256, hash, sorted URIs). Plain tuples keep
 # a runner's coders on their fast path (no pickling) through shuffles.
 Group = tuple[str, int, tuple[str, ...]]
+
+
+def uri_shard(uri: str) -> int:
+    """A stable shard of a URI (the same in every worker process, unlike ``hash()``)."""
+    return zlib.crc32(uri.encode("utf-8")) % SHARDS
 
 
 def sha_shards(

@@ -68,7 +68,6 @@ import imagehash
 import numpy as np
 import PIL
 from PIL import Image
-from scipy.ndimage import uniform_filter
 
 from kaedama import images
 
@@ -295,54 +294,69 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sim
 
 
-def _warp_taps() -> list[tuple[np.ndarray, np.ndarray]]:
-    """Bilinear gather (indices, weights) of every zoom/shift tried by the detail match."""
+def _axis_warp(zoom: float, shift: int) -> np.ndarray:
+    """``W`` with ``W @ x`` = ``x`` zoomed about its centre and shifted, bilinear, along axis 0.
+
+    Each output row takes two neighbouring input rows; positions are clamped to the
+    edges. A zoom/shift of the whole thumbnail is ``Wy @ img @ Wx.T``: bilinear
+    interpolation is separable.
+    """
     c = (DETAIL_SIZE - 1) / 2
-    yy, xx = np.mgrid[0:DETAIL_SIZE, 0:DETAIL_SIZE].astype(np.float64)
-    taps = []
-    for zoom in DETAIL_ZOOMS:
-        for dy in DETAIL_SHIFTS:
-            for dx in DETAIL_SHIFTS:
-                sy = np.clip((yy - c) / zoom + c + dy, 0, DETAIL_SIZE - 1).ravel()
-                sx = np.clip((xx - c) / zoom + c + dx, 0, DETAIL_SIZE - 1).ravel()
-                y0 = np.minimum(np.floor(sy).astype(np.int64), DETAIL_SIZE - 2)
-                x0 = np.minimum(np.floor(sx).astype(np.int64), DETAIL_SIZE - 2)
-                fy, fx = sy - y0, sx - x0
-                idx = np.stack(
-                    [
-                        y0 * DETAIL_SIZE + x0,
-                        y0 * DETAIL_SIZE + x0 + 1,
-                        (y0 + 1) * DETAIL_SIZE + x0,
-                        (y0 + 1) * DETAIL_SIZE + x0 + 1,
-                    ]
-                )
-                weights = np.stack(
-                    [(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx]
-                ).astype(np.float32)
-                taps.append((idx, weights))
-    return taps
+    pos = np.clip((np.arange(DETAIL_SIZE) - c) / zoom + c + shift, 0, DETAIL_SIZE - 1)
+    low = np.minimum(np.floor(pos).astype(np.int64), DETAIL_SIZE - 2)
+    frac = pos - low
+    w = np.zeros((DETAIL_SIZE, DETAIL_SIZE), dtype=np.float64)
+    rows = np.arange(DETAIL_SIZE)
+    w[rows, low] += 1 - frac
+    w[rows, low + 1] += frac
+    return w.astype(np.float32)
 
 
-_TAPS: list[tuple[np.ndarray, np.ndarray]] = []
+@lru_cache(maxsize=1)
+def _warps() -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(Wy, Wx)`` of every zoom/shift tried by the detail match."""
+    return [
+        (_axis_warp(zoom, dy), _axis_warp(zoom, dx))
+        for zoom in DETAIL_ZOOMS
+        for dy in DETAIL_SHIFTS
+        for dx in DETAIL_SHIFTS
+    ]
 
 
-def _detail(gray: np.ndarray) -> np.ndarray:
-    """High-pass layer (thumbnail minus its 5x5 local mean): what a low-frequency hash ignores."""
-    img = gray.reshape(-1, DETAIL_SIZE, DETAIL_SIZE)
-    return (img - uniform_filter(img, size=(1, 5, 5), mode="nearest")).reshape(len(gray), -1)
+@lru_cache(maxsize=4)
+def _box5_matrix(size: int) -> np.ndarray:
+    """``M`` with ``M @ x`` = the 5-tap mean of ``x`` along its first axis, edges replicated."""
+    m = np.zeros((size, size), dtype=np.float32)
+    for i in range(size):
+        for k in range(i - 2, i + 3):
+            m[i, min(max(k, 0), size - 1)] += 0.2
+    return m
+
+
+def _box5(img: np.ndarray) -> np.ndarray:
+    """5x5 local mean of each ``(n, h, w)`` image, edges replicated (two small matmuls)."""
+    return _box5_matrix(img.shape[1]) @ img @ _box5_matrix(img.shape[2]).T
+
+
+def _detail(img: np.ndarray) -> np.ndarray:
+    """High-pass layer (thumbnail minus its 5x5 local mean): what a low-frequency hash ignores.
+
+    ``(n, h, w)`` thumbnails in, ``(n, h * w)`` rows out.
+    """
+    return (img - _box5(img)).reshape(len(img), -1)
 
 
 def _aligned_detail_similarity(ga: np.ndarray, gb: np.ndarray) -> np.ndarray:
     """Best detail correlation over small zooms and shifts of either image onto the other."""
-    if not _TAPS:
-        _TAPS.extend(_warp_taps())
-    da, db = _detail(ga), _detail(gb)
+    ia = ga.reshape(-1, DETAIL_SIZE, DETAIL_SIZE)
+    ib = gb.reshape(-1, DETAIL_SIZE, DETAIL_SIZE)
+    da, db = _detail(ia), _detail(ib)
     best = np.full(len(ga), -1.0, dtype=np.float32)
-    for idx, weights in _TAPS:
+    for wy, wx in _warps():
         # Warp the thumbnail first, then take its detail: interpolating a high-pass
         # layer would blur exactly the detail being compared.
-        for fixed, moving in ((da, gb), (db, ga)):
-            warped = sum(weights[t] * moving[:, idx[t]] for t in range(4))
+        for fixed, moving in ((da, ib), (db, ia)):
+            warped = wy @ moving @ wx.T
             np.maximum(best, _correlation(fixed, _detail(warped)), out=best)
     return best
 

@@ -214,8 +214,12 @@ def list_image_folder(root: str) -> list[Row]:
     uris = storage.list_files(root, recursive=True)
     rows: list[Row] = []
     unlabeled = []
+    prefix = root.rstrip("/") + "/"
     for uri in uris:
-        label = label_from_path(uri, root)
+        if uri.startswith(prefix):  # as listed: the label is plain string work
+            label = posixpath.basename(posixpath.dirname(uri[len(prefix) :]))
+        else:
+            label = label_from_path(uri, root)
         if not label:
             unlabeled.append(uri)
             continue
