@@ -506,7 +506,7 @@ class DedupOptions(PipelineOptions):
             help=f"review page thumbnail size in pixels (default {DEFAULT_THUMBNAIL})",
         )
         parser.add_argument("--dedup_config", help="YAML file with DedupConfig fields")
-        add_config_arguments(parser, DedupConfig)
+        add_config_arguments(parser, DedupConfig, underscore_aliases=True)
 
 
 def config_from_options(options: DedupOptions) -> DedupConfig:

@@ -10,21 +10,22 @@ Methods (every kaedama method writes all outputs: manifest, clusters, candidates
 rejected, summary, hash cache and the HTML review page with thumbnails; a fresh output
 folder each time, so no cache, except ``kaedama_beam_cached``):
 
-* ``kaedama_beam_1proc``: ``python -m beam.dedup`` on the DirectRunner's engine
-  (FnApiRunner), one worker in this process (``--direct_num_workers=1``).
-* ``kaedama_beam_2thr``: the same with ``--direct_num_workers=2
-  --direct_running_mode=multi_threading`` (two worker threads in one process; Pillow
-  releases the GIL while decoding and resizing).
-* ``kaedama_beam_2proc``: ``--direct_num_workers=2
-  --direct_running_mode=multi_processing`` (two SDK worker processes).
-* ``kaedama_beam``: the job with no runner options, i.e. its default.
-* ``kaedama_in_process``: ``kaedama dedup DIR --out OUT --in-process``: the same steps
-  and outputs (byte-identical, tested) without Beam, hashing in forked processes on
-  every core.
-* ``kaedama_in_process_draft64``: the same with ``--draft-size 64`` (half-scale JPEG
-  decode of these ~300 px photos; another hash recipe, see BENCHMARKS.md for its recall).
+* ``kaedama_beam``: ``python -m beam.dedup`` with no runner options: the DirectRunner's
+  engine (FnApiRunner) with one worker in this process, each chunk of files hashed by
+  ``--read_threads`` (4) threads (Pillow decodes and resizes outside the GIL).
+* ``kaedama_beam_1thread``: the same with ``--read_threads=1``.
+* ``kaedama_beam_2proc``: ``--direct_num_workers=2 --direct_running_mode=multi_processing
+  --read_threads=2`` (two SDK worker processes).
+* ``kaedama_beam_exact``: the default job with ``--hash_method=exact`` (the bit-exact
+  imagehash pHash arithmetic on a colour decode: the former default recipe).
 * ``kaedama_beam_cached``: the default job re-run on the same output folder: the hash
   cache answers every file (the "grown dataset" path with nothing new).
+* ``kaedama_beam_floor``: the default job on a folder holding one photo: what a
+  DirectRunner run of this pipeline costs before any real work (interpreter, imports,
+  pipeline construction, runner start-up and shutdown).
+* ``kaedama_in_process``: ``kaedama dedup DIR --out OUT --in-process``: the same steps
+  and outputs (byte-identical, tested) without Beam, hashing in forked processes on
+  every core; ``kaedama_in_process_exact`` with ``--hash-method exact``.
 * ``imgdupes``: ``imgdupes --recursive DIR phash 4 --no-cache`` (its default: one
   process, NGT index), run in a scratch folder; ``imgdupes_2proc`` adds ``--num-proc 2``.
 * ``imagededup``: ``PHash().find_duplicates(image_dir=DIR, recursive=True,
@@ -58,14 +59,18 @@ PY = sys.executable
 VENV_BIN = Path(PY).parent
 
 BEAM_OPTIONS = {
-    "kaedama_beam_1proc": ["--direct_num_workers=1"],
-    "kaedama_beam_2thr": ["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
-    "kaedama_beam_2proc": ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
     "kaedama_beam": [],
+    "kaedama_beam_1thread": ["--read-threads=1"],
+    "kaedama_beam_2proc": [
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
+        "--read-threads=2",
+    ],
+    "kaedama_beam_exact": ["--hash-method=exact"],
 }
 IN_PROCESS_OPTIONS = {
     "kaedama_in_process": [],
-    "kaedama_in_process_draft64": ["--draft-size", "64"],
+    "kaedama_in_process_exact": ["--hash-method", "exact"],
 }
 
 IMAGEDEDUP_SCRIPT = """
@@ -133,11 +138,22 @@ def one_round(dataset: Path, scratch: Path, methods: list[str]) -> dict[str, dic
             cmd = [PY, "-m", "kaedama", "dedup", str(dataset), "--out", str(target), "--in-process"]
             wall, _ = _timed(cmd + IN_PROCESS_OPTIONS[method], REPO)
             results[method] = {"wall_s": wall, **_kaedama_counts(target)}
+        elif method == "kaedama_beam_floor":
+            one = scratch / "one-photo"
+            if not one.exists():
+                photo = next(p for p in sorted(dataset.rglob("*.jpg")))
+                (one / "label").mkdir(parents=True)
+                shutil.copy(photo, one / "label" / photo.name)
+            target = scratch / "floor"
+            shutil.rmtree(target, ignore_errors=True)
+            wall, _ = _timed(_kaedama(one, target, []), REPO)
+            results[method] = {"wall_s": wall, **_kaedama_counts(target)}
         elif method == "kaedama_beam_cached":
-            if not (out / "summary.json").exists():
-                _timed(_kaedama(dataset, out, []), REPO)
-            wall, _ = _timed(_kaedama(dataset, out, []), REPO)
-            results[method] = {"wall_s": wall, **_kaedama_counts(out)}
+            cached = scratch / "cached"  # its own folder: other methods use other recipes
+            if not (cached / "summary.json").exists():
+                _timed(_kaedama(dataset, cached, []), REPO)
+            wall, _ = _timed(_kaedama(dataset, cached, []), REPO)
+            results[method] = {"wall_s": wall, **_kaedama_counts(cached)}
         elif method in ("imgdupes", "imgdupes_2proc"):
             cmd = [str(VENV_BIN / "imgdupes"), "--recursive", str(dataset), "phash", "4"]
             cmd.append("--no-cache")
@@ -157,8 +173,8 @@ def one_round(dataset: Path, scratch: Path, methods: list[str]) -> dict[str, dic
 def breakdown(dataset: Path) -> dict[str, float]:
     """kaedama's core steps in one process, no Beam: seconds per step."""
     from kaedama import storage
-    from kaedama.dedup import DedupConfig, Rejected, decide
-    from kaedama.hashing import hash_image_bytes
+    from kaedama.dedup import DedupConfig, Rejected, decide, near_pair_uris, with_descriptors
+    from kaedama.hashing import describe_bytes, hash_image_bytes
     from kaedama.images import ImageError
     from kaedama.manifest import read_input
     from kaedama.neighbors import find_pairs, hash_array
@@ -173,22 +189,22 @@ def breakdown(dataset: Path) -> dict[str, float]:
     t = time.perf_counter()
     blobs = [(r.uri, r.label, storage.read_bytes(r.uri)) for r in rows]
     steps["read"] = time.perf_counter() - t
+
+    def hash_all(recipe) -> tuple[list, list]:
+        records, rejected = [], []
+        for uri, label, data in blobs:
+            try:
+                records.append(hash_image_bytes(uri, label, data, recipe))
+            except ImageError as exc:
+                rejected.append(Rejected(uri, label, exc.reason, exc.message, len(data)))
+        return records, rejected
+
     t = time.perf_counter()
-    records, rejected = [], []
-    for uri, label, data in blobs:
-        try:
-            records.append(hash_image_bytes(uri, label, data, recipe))
-        except ImageError as exc:
-            rejected.append(Rejected(uri, label, exc.reason, exc.message, len(data)))
+    records, rejected = hash_all(recipe)
     steps["sha256+decode+hash"] = time.perf_counter() - t
     t = time.perf_counter()
-    draft64 = DedupConfig(draft_size=64).recipe()
-    for uri, label, data in blobs:
-        try:
-            hash_image_bytes(uri, label, data, draft64)
-        except ImageError:
-            continue  # counted above
-    steps["sha256+decode+hash_draft64"] = time.perf_counter() - t
+    hash_all(DedupConfig(hash_method="exact").recipe())
+    steps["sha256+decode+hash_exact"] = time.perf_counter() - t
     t = time.perf_counter()
     import imagehash
 
@@ -205,10 +221,14 @@ def breakdown(dataset: Path) -> dict[str, float]:
     pairs = [(records[i].uri, records[j].uri, d) for i, j, d in found.tolist()]
     steps["pair_search"] = time.perf_counter() - t
     t = time.perf_counter()
+    by_uri = {uri: data for uri, _, data in blobs}
+    described = {uri: describe_bytes(by_uri[uri]) for uri in near_pair_uris(pairs)}
+    records = with_descriptors(records, described)
+    steps["describe_pair_images"] = time.perf_counter() - t
+    t = time.perf_counter()
     result = decide(records, rejected, pairs, config)
     steps["decide"] = time.perf_counter() - t
     t = time.perf_counter()
-    by_uri = {uri: data for uri, _, data in blobs}
     thumbs = {
         m["uri"]: thumbnail_data_uri(by_uri[m["uri"]])
         for c in result.clusters
@@ -226,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--methods",
-        default="kaedama_beam_1proc,kaedama_beam_2thr,kaedama_beam_2proc,kaedama_in_process,"
-        "kaedama_in_process_draft64,kaedama_beam_cached,imgdupes,imgdupes_2proc,imagededup",
+        default="kaedama_beam,kaedama_beam_1thread,kaedama_beam_2proc,kaedama_beam_exact,"
+        "kaedama_beam_cached,kaedama_beam_floor,kaedama_in_process,kaedama_in_process_exact,"
+        "imgdupes,imgdupes_2proc,imagededup",
     )
     parser.add_argument("--breakdown", action="store_true", help="also time the core steps")
     args = parser.parse_args(argv)

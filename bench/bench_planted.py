@@ -1,9 +1,11 @@
 """Planted transformations of real Caltech-101 photos and the confirmation step.
 
 Reports, for each hash recipe (``reference`` = imagehash on a full decode, the bits
-imgdupes and imagededup compute; ``fast`` = kaedama's default, its own pHash code on a
->= 256 px reduced decode; ``fast_draft64`` = the same on a >= 64 px reduced decode (half
-scale for Caltech's ~300 px photos); ``imagehash_draft64`` = imagehash on that decode):
+imgdupes and imagededup compute; ``fast`` = kaedama's default: pHash of the JPEG's luma
+plane on a >= 256 px reduced decode, two-step resize; ``exact`` = kaedama's bit-exact
+pHash code on a >= 256 px reduced colour decode (the former default);
+``imagehash_draft256`` = imagehash on that decode; ``fast_draft64`` = the default on a
+>= 64 px reduced decode, half scale for Caltech's ~300 px photos):
 
 * how often its phash equals the reference phash bit for bit (and within 2 bits), and
   that kaedama's pHash code gives imagehash's bits on the same decode;
@@ -52,12 +54,13 @@ CALTECH = REPO.parent / "shared" / "datasets" / "caltech101"
 RECIPES = {
     "reference": HashRecipe(reduced_decode=False, method="imagehash"),
     "fast": HashRecipe(),
-    "imagehash_draft64": HashRecipe(method="imagehash", draft_size=64),
+    "exact": HashRecipe(method="exact"),
+    "imagehash_draft256": HashRecipe(method="imagehash"),
     "fast_draft64": HashRecipe(draft_size=64),
 }
 REFERENCE = "reference"
-# kaedama's fast pHash and imagehash's on the same decode: the bits must be equal.
-SAME_DECODE = {"fast_draft64": "imagehash_draft64"}
+# kaedama's exact pHash and imagehash's on the same decode: the bits must be equal.
+SAME_DECODE = {"exact": "imagehash_draft256"}
 
 
 def hash_folder(root: Path, recipe: HashRecipe, cache: HashCache):
@@ -66,7 +69,9 @@ def hash_folder(root: Path, recipe: HashRecipe, cache: HashCache):
     for row in list_image_folder(str(root)):
         data = Path(row.uri).read_bytes()
         try:
-            records.append(hash_image_bytes(row.uri, row.label, data, recipe, cache=cache))
+            records.append(
+                hash_image_bytes(row.uri, row.label, data, recipe, cache=cache, describe=True)
+            )
         except images.ImageError as exc:
             rejected.append(Rejected(row.uri, row.label, exc.reason, exc.message, len(data)))
     return records, rejected
@@ -113,7 +118,7 @@ def planted_stats(records_by_recipe, n: int, seed: int, threshold: int):
         for tname, data in transformations(img).items():
             for rname, recipe in RECIPES.items():
                 original = by_uri[rname][rec.uri]
-                copy = hash_image_bytes("planted", rec.label, data, recipe)
+                copy = hash_image_bytes("planted", rec.label, data, recipe, describe=True)
                 dist = (copy.hash ^ original.hash).bit_count()
                 sim = float(descriptor_similarities([copy.descriptor], [original.descriptor])[0])
                 out[rname].setdefault(tname, []).append((dist, sim))

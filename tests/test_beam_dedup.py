@@ -399,3 +399,16 @@ def test_cli_hands_beam_options_through():
         "--temp_location=gs://b/tmp",
     ]
     assert args.threshold == "6"
+
+
+def test_job_options_take_both_spellings(tmp_path):
+    """Beam spells options with underscores and silently keeps ones it cannot parse."""
+    common = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    _, config, _ = job.parse_args(
+        [*common, "--read_threads=1", "--hash_method=exact", "--no-reduced_decode"]
+    )
+    assert (config.read_threads, config.hash_method, config.reduced_decode) == (1, "exact", False)
+    _, config, _ = job.parse_args([*common, "--read-threads", "2", "--conflict-policy", "review"])
+    assert (config.read_threads, config.conflict_policy) == (2, "review")
+    with pytest.raises(dedup_job.DedupJobError, match="read_threads"):
+        job.parse_args([*common, "--read_threads=0"])

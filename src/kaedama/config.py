@@ -90,17 +90,26 @@ def config_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, underscore_aliases: bool = False
+) -> None:
     """Add one ``--flag`` per field of the frozen dataclass ``cls``.
 
     Defaults are left as ``None`` (argparse.SUPPRESS) so that a YAML file or a
     ``--set`` override is not silently replaced by a flag nobody passed.
+
+    Args:
+        underscore_aliases: also accept ``--field_name`` for ``--field-name``. Beam's
+            own options are spelled with underscores, and Beam keeps (and ignores) an
+            option it cannot parse, so a job's flags must accept that spelling too.
     """
     hints = _hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (mirrors the config fields)")
     for f in config_fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")]
+        if underscore_aliases and "_" in f.name:
+            flags.append("--" + f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -109,7 +118,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if origin is typing.Literal:
             kwargs["choices"] = list(typing.get_args(tp))
@@ -117,7 +126,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = list(f.metadata["choices"])
         if origin in (tuple, list):
             kwargs["metavar"] = "A,B,..."
-        group.add_argument(flag, type=str if origin in (tuple, list) else None, **kwargs)
+        group.add_argument(*flags, type=str if origin in (tuple, list) else None, **kwargs)
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
