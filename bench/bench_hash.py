@@ -10,12 +10,14 @@ Methods, one process, images per second (median of ``--repeats`` runs, all metho
 interleaved in each run so that load elsewhere hits them alike):
 
 * ``decode_full``: :func:`kaedama.images.decode`, the floor for any full-decode hash;
-* ``decode_draft64``: the reduced JPEG decode (>= 64 px) alone, the floor of the
-  default recipe;
+* ``decode_draft``: the reduced colour JPEG decode (>= 256 px) alone, the floor of the
+  ``exact`` recipe; ``decode_luma_draft``: the reduced luma-only decode, the floor of
+  the default recipe;
 * ``imagehash_full``: ``imagehash.phash(images.decode(data))``, what imgdupes does;
-* ``kaedama_reference`` / ``kaedama_imagehash_draft256`` / ``kaedama_fast``:
-  :func:`kaedama.hashing.hash_image_bytes` (sha256 + phash + descriptor) with the
-  imagehash reference recipe, the former default and the fast default.
+* ``kaedama_reference`` / ``kaedama_exact`` / ``kaedama_fast``:
+  :func:`kaedama.hashing.hash_image_bytes` (sha256 + phash; the descriptor is made
+  later, for candidate images only) with the imagehash reference recipe, the bit-exact
+  recipe on the reduced decode (the former default) and the fast default.
 
 Usage::
 
@@ -57,11 +59,11 @@ def load_sets(n_small: int, n_phone: int) -> dict[str, list[bytes]]:
     return {"hymenoptera": small, "phone": phone}
 
 
-# The reference (imagehash on a full decode), the former default (imagehash on a
-# >= 256 px reduced decode) and the fast default (box-thumbnail pHash, >= 64 px decode).
+# The reference (imagehash on a full decode), the bit-exact recipe on the >= 256 px
+# reduced decode (the former default) and the fast default (luma plane, two-step resize).
 RECIPES = {
     "reference": HashRecipe(reduced_decode=False, method="imagehash"),
-    "imagehash_draft256": HashRecipe(method="imagehash", draft_size=256),
+    "exact": HashRecipe(method="exact"),
     "fast": HashRecipe(),
 }
 
@@ -70,7 +72,8 @@ def methods():
     fast = RECIPES["fast"]
     return {
         "decode_full": lambda d: images.decode(d),
-        "decode_draft64": lambda d: images.decode(d, draft=fast.draft),
+        "decode_draft": lambda d: images.decode(d, draft=fast.draft),
+        "decode_luma_draft": lambda d: images.decode(d, draft=fast.draft, mode="L"),
         "imagehash_full": lambda d: imagehash.phash(images.decode(d)),
         **{
             f"kaedama_{name}": (lambda r: lambda d: hash_image_bytes("u", "l", d, r))(recipe)

@@ -195,13 +195,23 @@ def fingerprint_chunk(
     """:func:`fingerprint` of every file of a chunk, in input order.
 
     Args:
-        pool: threads to run the files on. Object-storage reads are latency-bound and
-            Pillow decodes and resizes outside the GIL, so a few threads per worker
-            keep its cores busy; None runs them one by one.
+        pool: ``config.read_threads`` threads to run the files on. Object-storage
+            reads are latency-bound and Pillow decodes and resizes outside the GIL, so
+            a few threads per worker keep its cores busy; None runs them one by one.
     """
+
+    def run(part: Sequence[tuple[str, str]]) -> list[ImageRecord | Rejected]:
+        return [fingerprint(item, config, recipe, cache) for item in part]
+
     if pool is None:
-        return [fingerprint(item, config, recipe, cache) for item in items]
-    return list(pool.map(lambda item: fingerprint(item, config, recipe, cache), items))
+        return run(items)
+    # One task per thread (every n-th file), not one per file: a future costs more than
+    # reading a cached file's hash.
+    n = config.read_threads
+    out: list[ImageRecord | Rejected] = [None] * len(items)  # type: ignore[list-item]
+    for k, done in enumerate(pool.map(run, [items[k::n] for k in range(n)])):
+        out[k::n] = done
+    return out
 
 
 def describe_file(

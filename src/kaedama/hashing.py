@@ -195,26 +195,34 @@ class HashRecipe:
     def key(self) -> str:
         """A stable name for the recipe and the libraries that shape its bits.
 
+        Cached per recipe: the hash cache asks for it once per file.
+
         E.g. ``phash8-draft256-luma-gap3-g32c8-dct-pillow12.3.0`` (fast),
         ``phash8-draft256-g32c8-dct-pillow12.3.0`` (exact) or
         ``phash8-full-g32c8-imagehash4.3.2-pillow12.3.0`` (the imagehash reference).
         """
-        decode = f"draft{self.draft[0]}" if self.draft else "full"
-        if self.luma:
-            decode += f"-luma-gap{REDUCING_GAP:g}"
-        if self.fast:
-            return (
-                f"{self.algorithm}{self.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
-                f"-dct-pillow{PIL.__version__}"
-            )
-        return (
-            f"{self.algorithm}{self.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
-            f"-imagehash{imagehash.__version__}-pillow{PIL.__version__}"
-        )
+        return _recipe_key(self)
 
     def to_dict(self) -> dict:
         """The recipe's fields plus its key, for manifest headers and reports."""
         return {**asdict(self), "key": self.key()}
+
+
+@lru_cache(maxsize=64)
+def _recipe_key(recipe: HashRecipe) -> str:
+    """:meth:`HashRecipe.key`, computed once per recipe."""
+    decode = f"draft{recipe.draft[0]}" if recipe.draft else "full"
+    if recipe.luma:
+        decode += f"-luma-gap{REDUCING_GAP:g}"
+    if recipe.fast:
+        return (
+            f"{recipe.algorithm}{recipe.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
+            f"-dct-pillow{PIL.__version__}"
+        )
+    return (
+        f"{recipe.algorithm}{recipe.hash_size}-{decode}-{DESCRIPTOR_VERSION}"
+        f"-imagehash{imagehash.__version__}-pillow{PIL.__version__}"
+    )
 
 
 def hash_to_hex(h: int, bits: int = 64) -> str:
