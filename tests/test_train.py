@@ -583,14 +583,19 @@ def test_stop_request_checkpoints_and_resume_completes_identically(toy, tmp_path
 
 def test_stop_signal_handlers():
     """First signal: recorded, no exception; second: the previous handler runs; then restored."""
-    before = signal.getsignal(signal.SIGINT)
-    with StopSignal() as stop:
-        assert signal.getsignal(signal.SIGTERM) == stop._handle
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received() == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
+    # A known previous handler: a shell's background job (nohup, `&`) inherits SIGINT
+    # ignored, and then a second Ctrl-C would do nothing here either.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) == before
+            assert stop.received() == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_resume_refuses_a_different_model(toy, tmp_path):
