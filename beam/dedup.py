@@ -73,6 +73,8 @@ from kaedama.dedup_job import (
     identical_pairs,
     list_chunks,
     plan_copies,
+    record_from_tuple,
+    record_to_tuple,
     sha_shards,
     shard_pairs,
     thumbnail,
@@ -144,7 +146,8 @@ class _SharedCache:
 class HashChunk(beam.DoFn):
     """Read and fingerprint a chunk of files; unreadable files and non-images are tagged out.
 
-    Main output: one list of :class:`kaedama.hashing.ImageRecord` per chunk. Tagged
+    Main output: one list of records per chunk, as plain tuples
+    (:func:`kaedama.dedup_job.record_to_tuple`: cheap for the runner to move). Tagged
     output ``rejected``: :class:`kaedama.dedup.Rejected` with the decoder's reason (or
     ``unreadable``).
     """
@@ -174,7 +177,7 @@ class HashChunk(beam.DoFn):
             else:
                 records.append(out)
         if records:
-            yield records
+            yield [record_to_tuple(r) for r in records]
 
 
 class ReadAndHash(beam.PTransform):
@@ -200,7 +203,7 @@ class ExactGroups(beam.PTransform):
     def expand(self, records):
         return (
             records
-            | "ShardBySha" >> beam.FlatMap(sha_shards)
+            | "ShardBySha" >> beam.FlatMap(lambda chunk: sha_shards(map(record_from_tuple, chunk)))
             | "GroupBySha" >> beam.GroupByKey()
             | "ToGroups" >> beam.Map(lambda item: exact_groups(item[1]))
         )
@@ -341,7 +344,7 @@ class Gather(beam.PTransform):
 
 
 def _records(gathered: dict[str, list]) -> list[ImageRecord]:
-    return [record for chunk in gathered["records"] for record in chunk]
+    return [record_from_tuple(t) for chunk in gathered["records"] for t in chunk]
 
 
 def _decide(gathered: dict[str, list], config: DedupConfig) -> DedupResult:

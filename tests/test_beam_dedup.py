@@ -20,7 +20,7 @@ from beam import dedup as job
 from kaedama import dedup_job, storage
 from kaedama.dedup import DedupConfig, Rejected, decide
 from kaedama.hashcache import HashCache
-from kaedama.hashing import DESCRIPTOR_BYTES, describe_bytes, hash_image_bytes
+from kaedama.hashing import DESCRIPTOR_BYTES, ImageRecord, describe_bytes, hash_image_bytes
 from kaedama.images import REASONS, ImageError
 from kaedama.manifest import read_manifest
 from kaedama.neighbors import brute_force_pairs, hash_array
@@ -127,7 +127,8 @@ def test_read_and_hash_tags_every_bad_file_with_the_decoder_reason(small_folder)
         assert_that(
             out.records
             | "Files" >> beam.FlatMap(lambda chunk: chunk)
-            | "RecordUris" >> beam.Map(lambda r: (r.uri, r.label)),
+            | "RecordUris" >> beam.Map(lambda t: dedup_job.record_from_tuple(t))
+            | "UriLabel" >> beam.Map(lambda r: (r.uri, r.label)),
             equal_to([i for i in items if i[0] not in {str(root / b) for b in bad} | {missing}]),
             label="records",
         )
@@ -157,6 +158,7 @@ def test_read_and_hash_uses_the_cache_instead_of_decoding(tmp_path, small_folder
         assert_that(
             out.records
             | beam.FlatMap(lambda chunk: chunk)
+            | beam.Map(dedup_job.record_from_tuple)
             | beam.Map(lambda r: (r.hash, r.width, r.height, r.sha256)),
             equal_to([(12345, 7, 9, real.sha256)]),
         )
@@ -165,8 +167,8 @@ def test_read_and_hash_uses_the_cache_instead_of_decoding(tmp_path, small_folder
 def test_exact_groups_and_identical_pairs():
     s1, s2 = hashlib.sha256(b"1").hexdigest(), hashlib.sha256(b"2").hexdigest()
     chunks = [
-        [_Rec("gs://b/x/1.jpg", s1, 5), _Rec("gs://b/y/2.jpg", s1, 5)],
-        [_Rec("gs://b/x/0.jpg", s1, 5), _Rec("gs://b/x/3.jpg", s2, 6)],
+        [_rec("gs://b/x/1.jpg", s1, 5), _rec("gs://b/y/2.jpg", s1, 5)],
+        [_rec("gs://b/x/0.jpg", s1, 5), _rec("gs://b/x/3.jpg", s2, 6)],
     ]
     with _pipeline() as p:
         groups = p | beam.Create(chunks) | job.ExactGroups() | beam.FlatMap(lambda gs: gs)
@@ -174,8 +176,8 @@ def test_exact_groups_and_identical_pairs():
             groups,
             equal_to(
                 [
-                    (s1, 5, ("gs://b/x/0.jpg", "gs://b/x/1.jpg", "gs://b/y/2.jpg")),
-                    (s2, 6, ("gs://b/x/3.jpg",)),
+                    (s1, "5", ("gs://b/x/0.jpg", "gs://b/x/1.jpg", "gs://b/y/2.jpg")),
+                    (s2, "6", ("gs://b/x/3.jpg",)),
                 ]
             ),
             label="groups",
@@ -193,11 +195,9 @@ def test_exact_groups_and_identical_pairs():
         )
 
 
-class _Rec:
-    """The three record fields ExactGroups reads (a stand-in for ImageRecord)."""
-
-    def __init__(self, uri: str, sha256: str, hash: int) -> None:
-        self.uri, self.sha256, self.hash = uri, sha256, hash
+def _rec(uri: str, sha256: str, h: int) -> dedup_job.RecordTuple:
+    """A record as ReadAndHash emits it (the fields ExactGroups reads, the rest filler)."""
+    return dedup_job.record_to_tuple(ImageRecord(uri, "l", sha256, 1, 1, 1, h))
 
 
 @pytest.mark.parametrize("threshold", [0, 3, 6])
@@ -214,9 +214,9 @@ def test_near_candidates_match_brute_force_and_report_each_pair_once(threshold):
             for bit in rnd.sample(range(64), d):
                 flipped ^= 1 << bit
             hashes.append(flipped)
-    groups = [(f"sha{i:04d}", h, (f"u{i:04d}",)) for i, h in enumerate(hashes)]
+    groups = [(f"sha{i:04d}", format(h, "x"), (f"u{i:04d}",)) for i, h in enumerate(hashes)]
     # One group stands for two identical files: its pairs expand to both URIs.
-    groups[0] = ("sha0000", hashes[0], ("u0000", "u0000b"))
+    groups[0] = ("sha0000", format(hashes[0], "x"), ("u0000", "u0000b"))
     expected = []
     for i, j, d in brute_force_pairs(hash_array(hashes, 64), threshold).tolist():
         for a in groups[i][2]:
@@ -287,7 +287,11 @@ def test_gather_and_decide_equal_the_core_decision(small_folder):
     descriptors = [(r.uri, r.sha256, r.descriptor) for r in recs]
     with _pipeline() as p:
         gathered = {
-            "records": p | "R" >> beam.Create([bare[:3], bare[3:]]),
+            "records": p
+            | "R"
+            >> beam.Create(
+                [list(map(dedup_job.record_to_tuple, part)) for part in (bare[:3], bare[3:])]
+            ),
             "rejected": p | "X" >> beam.Create(rejected),
             "pairs": p | "P" >> beam.Create(pairs),
             "descriptors": p | "D" >> beam.Create(descriptors),

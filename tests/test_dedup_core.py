@@ -361,7 +361,8 @@ def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
     found += [p for g in groups for p in identical_pairs(g)]
     uris = [g[2] for g in groups]
     expected = [("u0a", "u0b", 0)]
-    for i, j, d in brute_force_pairs(hash_array([g[1] for g in groups], 64), threshold).tolist():
+    hashes_of = [int(g[1], 16) for g in groups]
+    for i, j, d in brute_force_pairs(hash_array(hashes_of, 64), threshold).tolist():
         expected += [(min(a, b), max(a, b), d) for a in uris[i] for b in uris[j]]
     # Sorted lists, not sets: a pair reported from two buckets would show up twice.
     assert sorted(found) == sorted(expected)
@@ -378,7 +379,9 @@ def test_large_bucket_takes_the_vectorised_path_with_the_same_pairs():
     hashes = [
         base ^ sum(1 << b for b in rnd.sample(range(20), rnd.randint(0, 5))) for _ in range(80)
     ]
-    groups = [exact_group(f"s{i:02d}", [(f"u{i:02d}", h)]) for i, h in enumerate(hashes)]
+    groups = [
+        exact_group(f"s{i:02d}", [(f"u{i:02d}", format(h, "x"))]) for i, h in enumerate(hashes)
+    ]
     assert len(groups) > SMALL_BUCKET
     found = sorted(bucket_pairs(0, groups, 4, 64, 5000))
     expected = sorted(

@@ -249,9 +249,35 @@ SMALL_BUCKET = 32
 # (distinct hash, block value) entries of ~100 bytes, ~60 MB per call at 10M images.
 SHARDS = 16
 
-# A group of files with identical bytes: (sha256, hash, sorted URIs). Plain tuples keep
-# a runner's coders on their fast path (no pickling) through shuffles.
-Group = tuple[str, int, tuple[str, ...]]
+# A group of files with identical bytes: (sha256, hash as hex, sorted URIs). Plain
+# tuples of str keep a runner's coders on their fast path through shuffles: Beam pickles
+# any int beyond 64-bit signed range, i.e. half of all 64-bit hashes.
+Group = tuple[str, str, tuple[str, ...]]
+
+# An ImageRecord as plain values for the same reason (a dataclass is pickled element by
+# element): (uri, label, sha256, bytes, width, height, hash hex, descriptor, mtime).
+RecordTuple = tuple[str, str, str, int, int, int, str, bytes, float]
+
+
+def record_to_tuple(r: ImageRecord) -> RecordTuple:
+    """An :class:`ImageRecord` as plain values (see :data:`RecordTuple`)."""
+    return (
+        r.uri,
+        r.label,
+        r.sha256,
+        r.bytes,
+        r.width,
+        r.height,
+        format(r.hash, "x"),
+        r.descriptor,
+        r.mtime,
+    )
+
+
+def record_from_tuple(t: RecordTuple) -> ImageRecord:
+    """Inverse of :func:`record_to_tuple`."""
+    uri, label, sha, size, width, height, hx, desc, mtime = t
+    return ImageRecord(uri, label, sha, size, width, height, int(hx, 16), desc, mtime)
 
 
 def uri_shard(uri: str) -> int:
@@ -261,25 +287,25 @@ def uri_shard(uri: str) -> int:
 
 def sha_shards(
     records: Iterable[ImageRecord],
-) -> Iterator[tuple[int, list[tuple[str, str, int]]]]:
-    """``(shard, [(sha256, uri, hash), ...])`` per sha256 shard of a chunk's records."""
-    shards: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+) -> Iterator[tuple[int, list[tuple[str, str, str]]]]:
+    """``(shard, [(sha256, uri, hash hex), ...])`` per sha256 shard of a chunk's records."""
+    shards: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
     for r in records:
-        shards[int(r.sha256[:8], 16) % SHARDS].append((r.sha256, r.uri, r.hash))
+        shards[int(r.sha256[:8], 16) % SHARDS].append((r.sha256, r.uri, format(r.hash, "x")))
     yield from shards.items()
 
 
-def exact_groups(entries: Iterable[Iterable[tuple[str, str, int]]]) -> list[Group]:
+def exact_groups(entries: Iterable[Iterable[tuple[str, str, str]]]) -> list[Group]:
     """One :data:`Group` per distinct sha256 among a shard's ``(sha256, uri, hash)`` lists."""
-    members: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    members: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for part in entries:
         for sha, uri, h in part:
             members[sha].append((uri, h))
     return [exact_group(sha, found) for sha, found in sorted(members.items())]
 
 
-def exact_group(sha256: str, members: Iterable[tuple[str, int]]) -> Group:
-    """The :data:`Group` of the ``(uri, hash)`` members sharing one sha256."""
+def exact_group(sha256: str, members: Iterable[tuple[str, str]]) -> Group:
+    """The :data:`Group` of the ``(uri, hash hex)`` members sharing one sha256."""
     ordered = sorted(members)
     return (sha256, ordered[0][1], tuple(uri for uri, _ in ordered))
 
@@ -310,7 +336,7 @@ def bucket_pairs(
     """
     if len(groups) < 2:
         return
-    by_sha = {sha: (h, uris) for sha, h, uris in groups}
+    by_sha = {sha: (int(hx, 16), uris) for sha, hx, uris in groups}
     if len(by_sha) <= SMALL_BUCKET:
         # Most buckets hold a handful of hashes: plain ints beat numpy's per-call cost.
         members = sorted((sha, h) for sha, (h, _) in by_sha.items())
@@ -345,7 +371,7 @@ def block_shards(
     """
     shards: dict[tuple[int, int], list[tuple[int, Group]]] = defaultdict(list)
     for group in groups:
-        for block, value in block_keys(group[1], threshold, bits):
+        for block, value in block_keys(int(group[1], 16), threshold, bits):
             shards[(block, value % SHARDS)].append((value, group))
     yield from shards.items()
 
@@ -597,9 +623,9 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         uris = near_pair_uris(near)
         descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
         clock.lap(f"pair search + describe {len(uris)} candidate images")
-        groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for r in records:
-            groups[r.sha256].append((r.uri, r.hash))
+            groups[r.sha256].append((r.uri, format(r.hash, "x")))
         identical = [p for sha, m in groups.items() for p in identical_pairs(exact_group(sha, m))]
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
         result = decide(described, rejected, identical + near, config)
