@@ -39,10 +39,12 @@ Scaling
     N / 2^(64/(t+1)) for spread-out hashes; hashes that share blocks (blank or uniform
     images) make large buckets, which are logged and verified in bounded chunks, and
     identical hashes cost their output pairs only. The single-worker part is this
-    module: :func:`decide` holds every record (about 1.5 KB each with the 1,216-byte
-    descriptor) plus the candidate pairs in memory, computes similarities in one
-    vectorised pass and runs connected components with scipy in O(N + P). It scales
-    linearly to a few million images per GiB-sized worker; beyond roughly 10^7 images
+    module: :func:`decide` holds every record (about 200 bytes each; the 1,216-byte
+    descriptor only for the images of candidate pairs, which the job describes after
+    the search) plus the candidate pairs in memory, computes similarities in one
+    vectorised pass and runs connected components (union-find) in
+    O((N + P) alpha(N)). It scales linearly to about five million images per GiB of
+    worker memory; beyond roughly 10^7 images
     or 10^8 candidate pairs the confirmation and component steps must move into the
     pipeline (confirm inside the bucket step, components by iterative label
     propagation) and only the per-cluster decisions stay here.
