@@ -143,7 +143,29 @@ class _SharedCache:
         return self._shared.acquire(lambda: HashCache.load(uri), tag=uri)
 
 
-class HashChunk(beam.DoFn):
+class _PooledDoFn(beam.DoFn):
+    """A DoFn with the job's recipe, the hash cache and ``config.read_threads`` threads.
+
+    The threads run per-file work: reads are latency-bound on object storage, and
+    Pillow decodes and resizes outside the GIL.
+    """
+
+    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+        self.config = config
+        self._cache_file = _SharedCache(cache_uri)
+
+    def setup(self) -> None:
+        self._recipe = self.config.recipe()
+        self._cache = self._cache_file.acquire()
+        self._pool = ThreadPoolExecutor(
+            self.config.read_threads, thread_name_prefix=type(self).__name__
+        )
+
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+
+class HashChunk(_PooledDoFn):
     """Read and fingerprint a chunk of files; unreadable files and non-images are tagged out.
 
     Main output: one list of records per chunk, as plain tuples
@@ -153,18 +175,9 @@ class HashChunk(beam.DoFn):
     """
 
     def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
-        self.config = config
-        self._cache_file = _SharedCache(cache_uri)
+        super().__init__(config, cache_uri)
         self._files = Metrics.counter("dedup", "files")
         self._rejected = Metrics.counter("dedup", "rejected")
-
-    def setup(self) -> None:
-        self._recipe = self.config.recipe()
-        self._cache = self._cache_file.acquire()
-        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="hash")
-
-    def teardown(self) -> None:
-        self._pool.shutdown()
 
     def process(self, chunk: list[tuple[str, str]]) -> Iterator[Any]:
         self._files.inc(len(chunk))
@@ -257,23 +270,11 @@ class NearCandidates(beam.PTransform):
 # --------------------------------------------------------------------------- Describe
 
 
-class _DescribeShard(beam.DoFn):
+class _DescribeShard(_PooledDoFn):
     """``(shard, uris)`` -> ``(uri, sha256, descriptor)`` once per URI, a few files at a time.
 
     The hash cache answers when an earlier run described the same bytes.
     """
-
-    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
-        self.config = config
-        self._cache_file = _SharedCache(cache_uri)
-
-    def setup(self) -> None:
-        self._recipe = self.config.recipe()
-        self._cache = self._cache_file.acquire()
-        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="describe")
-
-    def teardown(self) -> None:
-        self._pool.shutdown()
 
     def process(self, item: tuple[int, Iterable[str]]):
         describe = lambda uri: describe_file(uri, self.config, self._recipe, self._cache)  # noqa: E731
@@ -396,18 +397,12 @@ def _write(
     return write_outputs(result, dict(thumbnails["thumbnails"]), cache_stats, paths, config)
 
 
-class _ThumbnailShard(beam.DoFn):
+class _ThumbnailShard(_PooledDoFn):
     """``(shard, uris)`` -> ``(uri, thumbnail data URI)``, a few files at a time."""
 
     def __init__(self, size: int, config: DedupConfig) -> None:
+        super().__init__(config)
         self.size = size
-        self.config = config
-
-    def setup(self) -> None:
-        self._pool = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="thumbnail")
-
-    def teardown(self) -> None:
-        self._pool.shutdown()
 
     def process(self, item: tuple[int, Iterable[str]]):
         make = lambda uri: thumbnail(uri, self.size, self.config.max_pixels)  # noqa: E731
