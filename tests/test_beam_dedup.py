@@ -24,6 +24,7 @@ from kaedama.hashing import DESCRIPTOR_BYTES, ImageRecord, describe_bytes, hash_
 from kaedama.images import REASONS, ImageError
 from kaedama.manifest import read_manifest
 from kaedama.neighbors import brute_force_pairs, hash_array
+from tests.hashes import planted_hashes
 from tests.test_images import png_header_only
 
 # The DirectRunner's batch engine, without Beam 2.77's attempt to download Prism first.
@@ -202,18 +203,7 @@ def _rec(uri: str, sha256: str, h: int) -> dedup_job.RecordTuple:
 
 @pytest.mark.parametrize("threshold", [0, 3, 6])
 def test_near_candidates_match_brute_force_and_report_each_pair_once(threshold):
-    rnd = random.Random(threshold)
-    hashes = []
-    for _ in range(60):
-        base = rnd.getrandbits(64)
-        hashes.append(base)
-        # Plant neighbours at every distance up to threshold + 2, so misses and
-        # false hits at the boundary would both show.
-        for d in range(threshold + 3):
-            flipped = base
-            for bit in rnd.sample(range(64), d):
-                flipped ^= 1 << bit
-            hashes.append(flipped)
+    hashes = planted_hashes(random.Random(threshold), 60, threshold + 2)
     groups = [(f"sha{i:04d}", format(h, "x"), (f"u{i:04d}",)) for i, h in enumerate(hashes)]
     # One group stands for two identical files: its pairs expand to both URIs.
     groups[0] = ("sha0000", format(hashes[0], "x"), ("u0000", "u0000b"))

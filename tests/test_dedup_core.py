@@ -22,6 +22,7 @@ from kaedama.dedup import (
     run_local,
 )
 from kaedama.hashing import DESCRIPTOR_BYTES, HashRecipe, ImageRecord, hash_image_bytes
+from tests.hashes import planted_hashes
 
 DESC_LEN = DESCRIPTOR_BYTES
 
@@ -327,13 +328,7 @@ def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
     )
     from kaedama.neighbors import brute_force_pairs, hash_array
 
-    rnd = random.Random(threshold)
-    hashes = []
-    for _ in range(40):
-        base = rnd.getrandbits(64)
-        hashes.append(base)
-        for d in range(threshold + 2):
-            hashes.append(base ^ sum(1 << b for b in rnd.sample(range(64), d)))
+    hashes = planted_hashes(random.Random(threshold), 40, threshold + 1)
     # Two files with identical bytes form one group; the rest one file each.
     sha = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(len(hashes))]
     records = [ImageRecord("u0b", "l", sha[0], 1, 1, 1, hashes[0])]
