@@ -596,6 +596,23 @@ def summarise(
     return summary
 
 
+def _uris_by_sha(records: Iterable[ImageRecord]) -> dict[str, list[str]]:
+    """The sorted URIs of each distinct content (sha256)."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        members[r.sha256].append(r.uri)
+    return {sha: sorted(uris) for sha, uris in members.items()}
+
+
+def identical_file_pairs(records: Iterable[ImageRecord]) -> list[tuple[str, str, int]]:
+    """Every pair of files with identical bytes, ``(a, b, 0)`` with ``a < b``."""
+    return [
+        (a, b, 0)
+        for uris in _uris_by_sha(records).values()
+        for a, b in itertools.combinations(uris, 2)
+    ]
+
+
 def find_candidate_pairs(
     records: Sequence[ImageRecord], config: DedupConfig
 ) -> list[tuple[str, str, int]]:
@@ -604,19 +621,14 @@ def find_candidate_pairs(
     The exact search of :func:`kaedama.neighbors.find_pairs` over the distinct sha256s;
     the Beam job finds the same pairs with a distributed multi-index search.
     """
-    first: dict[str, ImageRecord] = {}
-    for r in sorted(records, key=lambda r: r.uri):
-        first.setdefault(r.sha256, r)
-    distinct = list(first.values())
+    members = _uris_by_sha(records)
+    hash_of = {r.sha256: r.hash for r in records}
+    shas = sorted(members)
     found = find_pairs(
-        hash_array([r.hash for r in distinct], config.recipe().bits),
+        hash_array([hash_of[sha] for sha in shas], config.recipe().bits),
         config.threshold,
         max_bucket=config.max_bucket,
     )
-    shas = [r.sha256 for r in distinct]
-    members: dict[str, list[str]] = defaultdict(list)
-    for r in records:
-        members[r.sha256].append(r.uri)
     pairs = []
     for i, j, d in found.tolist():
         for a in members[shas[i]]:
@@ -633,10 +645,5 @@ def run_local(
     The records of near pairs need their descriptors (``hash_image_bytes(...,
     describe=True)``), or those pairs stay unconfirmed.
     """
-    members: dict[str, list[str]] = defaultdict(list)
-    for r in records:
-        members[r.sha256].append(r.uri)
-    identical = [
-        (a, b, 0) for uris in members.values() for a, b in itertools.combinations(sorted(uris), 2)
-    ]
-    return decide(records, rejected, identical + find_candidate_pairs(records, config), config)
+    pairs = identical_file_pairs(records) + find_candidate_pairs(records, config)
+    return decide(records, rejected, pairs, config)

@@ -40,6 +40,7 @@ from kaedama.dedup import (
     Rejected,
     decide,
     find_candidate_pairs,
+    identical_file_pairs,
     manifest_header,
     near_pair_uris,
     with_descriptors,
@@ -623,12 +624,8 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         uris = near_pair_uris(near)
         descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
         clock.lap(f"pair search + describe {len(uris)} candidate images")
-        groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for r in records:
-            groups[r.sha256].append((r.uri, format(r.hash, "x")))
-        identical = [p for sha, m in groups.items() for p in identical_pairs(exact_group(sha, m))]
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
-        result = decide(described, rejected, identical + near, config)
+        result = decide(described, rejected, identical_file_pairs(records) + near, config)
         clock.lap("decide")
         thumbs = dict(
             pool.starmap(
