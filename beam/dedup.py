@@ -128,8 +128,13 @@ class ListInputs(beam.PTransform):
 # --------------------------------------------------------------------------- ReadAndHash
 
 
-class _SharedCache:
-    """Per-process access to the hash cache file, shared by the DoFns of all threads."""
+class SharedHashCache:
+    """Per-process access to the hash cache file (``uri``; "" for none).
+
+    Every DoFn given the same handle, in any thread of a worker process, uses one
+    loaded copy: the job hands one handle to both steps that read the cache
+    (``ReadAndHash`` and ``Describe``).
+    """
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -143,6 +148,10 @@ class _SharedCache:
         return self._shared.acquire(lambda: HashCache.load(uri), tag=uri)
 
 
+def _cache_handle(cache: str | SharedHashCache) -> SharedHashCache:
+    return cache if isinstance(cache, SharedHashCache) else SharedHashCache(cache)
+
+
 class _PooledDoFn(beam.DoFn):
     """A DoFn with the job's recipe, the hash cache and ``config.read_threads`` threads.
 
@@ -150,9 +159,9 @@ class _PooledDoFn(beam.DoFn):
     Pillow decodes and resizes outside the GIL.
     """
 
-    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+    def __init__(self, config: DedupConfig, cache: SharedHashCache | None = None) -> None:
         self.config = config
-        self._cache_file = _SharedCache(cache_uri)
+        self._cache_file = cache or SharedHashCache("")
 
     def setup(self) -> None:
         self._recipe = self.config.recipe()
@@ -174,8 +183,8 @@ class HashChunk(_PooledDoFn):
     ``unreadable``).
     """
 
-    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
-        super().__init__(config, cache_uri)
+    def __init__(self, config: DedupConfig, cache: SharedHashCache | None = None) -> None:
+        super().__init__(config, cache)
         self._files = Metrics.counter("dedup", "files")
         self._rejected = Metrics.counter("dedup", "rejected")
 
@@ -196,13 +205,13 @@ class HashChunk(_PooledDoFn):
 class ReadAndHash(beam.PTransform):
     """Chunks of ``(uri, label)`` -> record lists (main) and ``rejected`` (tagged) outputs."""
 
-    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+    def __init__(self, config: DedupConfig, cache: str | SharedHashCache = "") -> None:
         super().__init__()
         self.config = config
-        self.cache_uri = cache_uri
+        self.cache = _cache_handle(cache)
 
     def expand(self, inputs):
-        return inputs | "Hash" >> beam.ParDo(HashChunk(self.config, self.cache_uri)).with_outputs(
+        return inputs | "Hash" >> beam.ParDo(HashChunk(self.config, self.cache)).with_outputs(
             REJECTED, main="records"
         )
 
@@ -289,17 +298,17 @@ class Describe(beam.PTransform):
     which also removes repeats (an image in several pairs).
     """
 
-    def __init__(self, config: DedupConfig, cache_uri: str = "") -> None:
+    def __init__(self, config: DedupConfig, cache: str | SharedHashCache = "") -> None:
         super().__init__()
         self.config = config
-        self.cache_uri = cache_uri
+        self.cache = _cache_handle(cache)
 
     def expand(self, pairs):
         return (
             pairs
             | "PairUris" >> beam.FlatMap(lambda pair: [(uri_shard(u), u) for u in pair[:2]])
             | "GroupByShard" >> beam.GroupByKey()
-            | "Describe" >> beam.ParDo(_DescribeShard(self.config, self.cache_uri))
+            | "Describe" >> beam.ParDo(_DescribeShard(self.config, self.cache))
         )
 
 
@@ -460,14 +469,15 @@ class Dedup(beam.PTransform):
     def expand(self, pbegin):
         config = self.config
         inputs = pbegin | "ListInputs" >> ListInputs(self.paths.input)
-        hashed = inputs | "ReadAndHash" >> ReadAndHash(config, self.paths.cache)
+        cache = SharedHashCache(self.paths.cache)
+        hashed = inputs | "ReadAndHash" >> ReadAndHash(config, cache)
         records, rejected = hashed.records, hashed[REJECTED]
         groups = records | "ExactGroups" >> ExactGroups()
         identical = groups | "IdenticalPairs" >> beam.FlatMap(_identical_pairs)
         near = groups | "NearCandidates" >> NearCandidates(
             config.threshold, config.recipe().bits, config.max_bucket
         )
-        descriptors = near | "Describe" >> Describe(config, self.paths.cache)
+        descriptors = near | "Describe" >> Describe(config, cache)
         pairs = (identical, near) | "AllPairs" >> beam.Flatten()
         gathered = {
             "records": records,
