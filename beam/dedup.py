@@ -24,12 +24,12 @@ Elements are chunks of files and shards of hashes rather than single files: a
 runner's cost is per element, and a few hundred files per element make it negligible
 next to the hashing while thousands of chunks still spread a large dataset.
 
-All logic lives in the core library (the job's steps in ``kaedama.dedup_job``, which
-call ``kaedama.hashing``, ``kaedama.neighbors``, ``kaedama.dedup`` and
-``kaedama.report``); this module only wires them into transforms. Outputs go through
+All logic lives in the core library (the job's steps in ``kaedama.dedup.job``, which
+call ``kaedama.dedup.hashing``, ``kaedama.dedup.neighbors``, ``kaedama.dedup.decide`` and
+``kaedama.dedup.review``); this module only wires them into transforms. Outputs go through
 ``kaedama.storage``, so input and output may be local or ``gs://``.
 
-``kaedama.dedup_job.run_in_process`` runs the same step functions without Beam, for
+``kaedama.dedup.job.run_in_process`` runs the same step functions without Beam, for
 local datasets on one machine (``kaedama dedup --in-process``); its outputs are
 byte-identical to this job's (tested), it only skips the runner's overheads.
 """
@@ -53,8 +53,10 @@ from apache_beam.utils import shared
 from beam.gcs import use_emulator_if_configured
 from kaedama import storage
 from kaedama.config import ConfigError, add_config_arguments, build_config
-from kaedama.dedup import DedupConfig, DedupResult, Rejected, decide, with_descriptors
-from kaedama.dedup_job import (
+from kaedama.dedup.decide import DedupConfig, DedupResult, Rejected, decide, with_descriptors
+from kaedama.dedup.hashcache import HashCache
+from kaedama.dedup.hashing import ImageRecord
+from kaedama.dedup.job import (
     CHUNK,
     DEFAULT_THUMBNAIL,
     SUMMARY_NAME,
@@ -83,8 +85,6 @@ from kaedama.dedup_job import (
     write_outputs,
 )
 from kaedama.errors import KaedamaError
-from kaedama.hashcache import HashCache
-from kaedama.hashing import ImageRecord
 
 if __name__ == "__main__":
     # ``python -m beam.dedup``: run the importable module instead of this __main__ copy.
@@ -178,7 +178,7 @@ class HashChunk(_PooledDoFn):
     """Read and fingerprint a chunk of files; unreadable files and non-images are tagged out.
 
     Main output: one list of records per chunk, as plain tuples
-    (:func:`kaedama.dedup_job.record_to_tuple`: cheap for the runner to move). Tagged
+    (:func:`kaedama.dedup.job.record_to_tuple`: cheap for the runner to move). Tagged
     output ``rejected``: :class:`kaedama.dedup.Rejected` with the decoder's reason (or
     ``unreadable``).
     """
@@ -258,7 +258,7 @@ class NearCandidates(beam.PTransform):
     Multi-index hashing: a hash split into ``t + 1`` blocks shares at least one whole
     block with every hash within distance ``t`` (pigeonhole), so each distinct file is
     emitted under its ``t + 1`` block keys, grouped by (block, shard), and each bucket
-    (equal block value) is verified exactly (``kaedama.dedup_job.shard_pairs``).
+    (equal block value) is verified exactly (``kaedama.dedup.job.shard_pairs``).
     """
 
     def __init__(self, threshold: int, bits: int, max_bucket: int) -> None:

@@ -173,12 +173,12 @@ def one_round(dataset: Path, scratch: Path, methods: list[str]) -> dict[str, dic
 def breakdown(dataset: Path) -> dict[str, float]:
     """kaedama's core steps in one process, no Beam: seconds per step."""
     from kaedama import storage
-    from kaedama.dedup import DedupConfig, Rejected, decide, near_pair_uris, with_descriptors
-    from kaedama.hashing import describe_bytes, hash_image_bytes
+    from kaedama.dedup.decide import DedupConfig, Rejected, decide, near_pair_uris, with_descriptors
+    from kaedama.dedup.hashing import describe_bytes, hash_image_bytes
+    from kaedama.dedup.neighbors import find_pairs, hash_array
+    from kaedama.dedup.review import render_report, thumbnail_data_uri
     from kaedama.images import ImageError
     from kaedama.manifest import read_input
-    from kaedama.neighbors import find_pairs, hash_array
-    from kaedama.report import render_report, thumbnail_data_uri
 
     config = DedupConfig()
     recipe = config.recipe()

@@ -15,7 +15,7 @@ interleaved in each run so that load elsewhere hits them alike):
   the default recipe;
 * ``imagehash_full``: ``imagehash.phash(images.decode(data))``, what imgdupes does;
 * ``kaedama_reference`` / ``kaedama_exact`` / ``kaedama_fast``:
-  :func:`kaedama.hashing.hash_image_bytes` (sha256 + phash; the descriptor is made
+  :func:`kaedama.dedup.hashing.hash_image_bytes` (sha256 + phash; the descriptor is made
   later, for candidate images only) with the imagehash reference recipe, the bit-exact
   recipe on the reduced decode (the former default) and the fast default.
 
@@ -37,7 +37,7 @@ import imagehash
 from PIL import Image
 
 from kaedama import images
-from kaedama.hashing import HashRecipe, hash_image_bytes
+from kaedama.dedup.hashing import HashRecipe, hash_image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera"

@@ -43,11 +43,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from kaedama import images
-from kaedama.dedup import DEFAULT_CONFIRM_THRESHOLD, DedupConfig, Rejected, run_local
-from kaedama.hashcache import HashCache
-from kaedama.hashing import HashRecipe, descriptor_similarities, hash_image_bytes
+from kaedama.dedup.decide import DEFAULT_CONFIRM_THRESHOLD, DedupConfig, Rejected, run_local
+from kaedama.dedup.hashcache import HashCache
+from kaedama.dedup.hashing import HashRecipe, descriptor_similarities, hash_image_bytes
+from kaedama.dedup.neighbors import brute_force_pairs, find_pairs, hash_array
 from kaedama.manifest import list_image_folder
-from kaedama.neighbors import brute_force_pairs, find_pairs, hash_array
 
 REPO = Path(__file__).resolve().parents[1]
 CALTECH = REPO.parent / "shared" / "datasets" / "caltech101"

@@ -2,8 +2,8 @@
 
 Compares, on the same arrays in one run:
 
-* ``kaedama.neighbors.find_pairs`` (exact multi-index hashing, in memory);
-* ``kaedama.neighbors.brute_force_pairs`` (numpy popcount over all pairs), timed on a
+* ``kaedama.dedup.neighbors.find_pairs`` (exact multi-index hashing, in memory);
+* ``kaedama.dedup.neighbors.brute_force_pairs`` (numpy popcount over all pairs), timed on a
   subset and extrapolated to N^2 because the full million would take hours;
 * faiss ``IndexBinaryMultiHash`` (4 tables of 16 bits, nflip=1: exact at t=4 by
   pigeonhole), when ``faiss-cpu`` is installed.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kaedama.neighbors import brute_force_pairs, find_pairs
+from kaedama.dedup.neighbors import brute_force_pairs, find_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 CALTECH_CACHE = Path("/tmp/kaedama-bench/caltech_hash_cache.npz")
@@ -41,7 +41,7 @@ def skewed_hashes(n: int, rng: np.random.Generator) -> np.ndarray | None:
     """Real phashes with 8-20 random bits flipped each (None without the Caltech cache)."""
     if not CALTECH_CACHE.exists():
         return None
-    from kaedama.hashcache import HashCache
+    from kaedama.dedup.hashcache import HashCache
 
     cache = HashCache.load(str(CALTECH_CACHE))
     seeds = np.array(sorted({v.hash for _, v in cache.items()}), dtype=np.uint64)

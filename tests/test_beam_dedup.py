@@ -17,13 +17,14 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from beam import dedup as job
-from kaedama import dedup_job, storage
-from kaedama.dedup import DedupConfig, Rejected, decide
-from kaedama.hashcache import HashCache
-from kaedama.hashing import DESCRIPTOR_BYTES, ImageRecord, describe_bytes, hash_image_bytes
+from kaedama import storage
+from kaedama.dedup import job as dedup_job
+from kaedama.dedup.decide import DedupConfig, Rejected, decide
+from kaedama.dedup.hashcache import HashCache
+from kaedama.dedup.hashing import DESCRIPTOR_BYTES, ImageRecord, describe_bytes, hash_image_bytes
+from kaedama.dedup.neighbors import brute_force_pairs, hash_array
 from kaedama.images import REASONS, ImageError
 from kaedama.manifest import read_manifest
-from kaedama.neighbors import brute_force_pairs, hash_array
 from tests.hashes import planted_hashes
 from tests.test_images import png_header_only
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kaedama import images
 from kaedama.config import ConfigError, build_config
-from kaedama.dedup import (
+from kaedama.dedup.decide import (
     DedupConfig,
     DedupError,
     Rejected,
@@ -21,7 +21,7 @@ from kaedama.dedup import (
     manifest_header,
     run_local,
 )
-from kaedama.hashing import DESCRIPTOR_BYTES, HashRecipe, ImageRecord, hash_image_bytes
+from kaedama.dedup.hashing import DESCRIPTOR_BYTES, HashRecipe, ImageRecord, hash_image_bytes
 from tests.hashes import planted_hashes
 
 DESC_LEN = DESCRIPTOR_BYTES
@@ -319,14 +319,14 @@ def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
     """The Beam job's pair search, step by step over chunks of records, as its shuffles do."""
     from collections import defaultdict
 
-    from kaedama.dedup_job import (
+    from kaedama.dedup.job import (
         block_shards,
         exact_groups,
         identical_pairs,
         sha_shards,
         shard_pairs,
     )
-    from kaedama.neighbors import brute_force_pairs, hash_array
+    from kaedama.dedup.neighbors import brute_force_pairs, hash_array
 
     hashes = planted_hashes(random.Random(threshold), 40, threshold + 1)
     # Two files with identical bytes form one group; the rest one file each.
@@ -365,8 +365,8 @@ def test_shard_pairs_over_all_shards_equal_brute_force_once_each(threshold):
 
 
 def test_large_bucket_takes_the_vectorised_path_with_the_same_pairs():
-    from kaedama.dedup_job import SMALL_BUCKET, bucket_pairs, exact_group
-    from kaedama.neighbors import brute_force_pairs, hash_array
+    from kaedama.dedup.job import SMALL_BUCKET, bucket_pairs, exact_group
+    from kaedama.dedup.neighbors import brute_force_pairs, hash_array
 
     rnd = random.Random(7)
     base = rnd.getrandbits(64)

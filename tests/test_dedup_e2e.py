@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from beam import dedup as job
-from kaedama import cli, dedup_job, storage
-from kaedama.dedup import DedupConfig
+from kaedama import cli, storage
+from kaedama.dedup import job as dedup_job
+from kaedama.dedup.decide import DedupConfig
 from kaedama.fixtures import PHASH_RADIUS, GroundTruth
 from kaedama.manifest import read_manifest
 from tests.plugins.gcs import upload_many

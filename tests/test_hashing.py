@@ -10,9 +10,10 @@ import PIL
 import pytest
 from PIL import Image, ImageEnhance
 
-from kaedama import hashing, images
-from kaedama.hashcache import HashCache, HashCacheError
-from kaedama.hashing import (
+from kaedama import images
+from kaedama.dedup import hashing
+from kaedama.dedup.hashcache import HashCache, HashCacheError
+from kaedama.dedup.hashing import (
     DESCRIPTOR_BYTES,
     HASHERS,
     HashingError,

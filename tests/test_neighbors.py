@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kaedama.neighbors import (
+from kaedama.dedup.neighbors import (
     block_keys,
     brute_force_pairs,
     find_pairs,

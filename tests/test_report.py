@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kaedama.dedup.review import cluster_order, format_summary, render_report, thumbnail_data_uri
 from kaedama.images import ImageError
 from kaedama.manifest import Row
-from kaedama.report import cluster_order, format_summary, render_report, thumbnail_data_uri
 from tests.processes import stop_process
 
 EVIL = "<script>alert('x')</script>&\"'"

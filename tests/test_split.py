@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from kaedama import cli, storage
-from kaedama.dedup import DedupConfig, manifest_header, run_local
-from kaedama.hashing import hash_image_bytes
+from kaedama.dedup.decide import DedupConfig, manifest_header, run_local
+from kaedama.dedup.hashing import hash_image_bytes
 from kaedama.manifest import SPLITS, Manifest, Row, read_manifest, write_manifest
 from kaedama.split import (
     SplitConfig,
@@ -29,7 +29,7 @@ from kaedama.split import (
     targets_for,
 )
 
-# As kaedama.dedup writes it: the recipe's key string.
+# As kaedama.dedup.decide writes it: the recipe's key string.
 RECIPE = "phash8-draft256-rgb16-imagehash4.3.2-pillow12.3.0"
 
 

@@ -30,8 +30,9 @@ from kaedama.train.checkpoint import (
 )
 from kaedama.train.config import TrainConfig
 from kaedama.train.data import EpochSampler, ManifestDataset, Skipped, collate, load_splits
-from kaedama.train.loop import Preempted, StopSignal, fit, init_runtime
+from kaedama.train.loop import fit
 from kaedama.train.model import ModelError, create_model, load_trained
+from kaedama.train.runtime import Preempted, StopSignal, init_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = TrainConfig(

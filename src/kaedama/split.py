@@ -38,11 +38,11 @@ from typing import Any, Literal
 import numpy as np
 
 from kaedama import images, storage
-from kaedama.dedup import DEFAULT_CONFIRM_THRESHOLD
+from kaedama.dedup.decide import DEFAULT_CONFIRM_THRESHOLD
+from kaedama.dedup.hashing import HashingError, HashRecipe, descriptor, descriptor_similarity
+from kaedama.dedup.neighbors import find_pairs, hash_array
 from kaedama.errors import KaedamaError
-from kaedama.hashing import HashingError, HashRecipe, descriptor, descriptor_similarity
 from kaedama.manifest import SPLITS, Manifest, Row
-from kaedama.neighbors import find_pairs, hash_array
 from kaedama.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def recipe_key(header: Mapping[str, Any] | None) -> Any:
 
 
 def parse_hashes(hexes: Sequence[str], what: str) -> np.ndarray:
-    """Hex perceptual hashes -> the uint64 array :func:`kaedama.neighbors.find_pairs` takes.
+    """Hex perceptual hashes -> the uint64 array :func:`kaedama.dedup.neighbors.find_pairs` takes.
 
     Raises:
         SplitError: a hash is not hexadecimal, or the hashes differ in length.
@@ -347,7 +347,7 @@ def cross_matches(
 ) -> list[tuple[int, int, int]]:
     """``(query, ref, distance)`` for every query-reference pair within ``max_distance`` bits.
 
-    Uses the exact block search of :func:`kaedama.neighbors.find_pairs` on both sets
+    Uses the exact block search of :func:`kaedama.dedup.neighbors.find_pairs` on both sets
     together and keeps the pairs that cross between them.
     """
     if len(queries) == 0 or len(refs) == 0:

@@ -15,8 +15,8 @@ import logging
 import shlex
 
 from kaedama.config import add_stage_arguments, config_from_args
-from kaedama.dedup import DedupConfig
-from kaedama.dedup_job import DEFAULT_THUMBNAIL
+from kaedama.dedup.decide import DedupConfig
+from kaedama.dedup.job import DEFAULT_THUMBNAIL
 from kaedama.errors import KaedamaError
 
 HELP = (
@@ -128,8 +128,8 @@ def _run_beam_job(paths, config: DedupConfig, beam_options: list[str], *, verbos
 def run(args: argparse.Namespace) -> int:
     """Run the dedup job (the Beam job, or the same steps --in-process); print the summary."""
     config = config_from_args(DedupConfig, args)
-    from kaedama.dedup_job import JobPaths, default_cache_uri, run_in_process
-    from kaedama.report import format_summary
+    from kaedama.dedup.job import JobPaths, default_cache_uri, run_in_process
+    from kaedama.dedup.review import format_summary
 
     paths = JobPaths(
         input=args.src,

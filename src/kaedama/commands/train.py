@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     Returns 0, or ``128 + signal`` (143 for SIGTERM) when a stop signal ended the run
     early after writing a resumable checkpoint.
     """
-    from kaedama.train.loop import Preempted, train
+    from kaedama.train.loop import train
+    from kaedama.train.runtime import Preempted
 
     cfg = config_from_args(args)
     main = int(os.environ.get("RANK", "0")) == 0

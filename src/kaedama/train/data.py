@@ -21,6 +21,7 @@ Three ideas keep training reproducible and robust:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kaedama import images, storage
 from kaedama.errors import KaedamaError
 from kaedama.manifest import Row, read_manifest
+from kaedama.train import augment
+from kaedama.train.config import TrainConfig
+from kaedama.train.model import input_size
+from kaedama.train.runtime import Runtime, ignore_sigint
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +325,86 @@ class EpochSampler(Sampler):
         else:
             per_rank = len(range(self.rank, n, self.world))
         return max(per_rank - self.start, 0)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _loader(
+    examples: tuple[Example, ...],
+    transform: Callable,
+    sampler: EpochSampler,
+    cfg: TrainConfig,
+    rt: Runtime,
+    *,
+    draft: tuple[int, int],
+    drop_last: bool,
+) -> DataLoader:
+    dataset = ManifestDataset(examples, transform, max_pixels=cfg.max_pixels, draft=draft)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        pin_memory=rt.device.type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=cfg.workers > 0,
+        worker_init_fn=ignore_sigint if cfg.workers > 0 else None,
+    )
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader | None
+    steps_per_epoch: int
+
+
+def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> Loaders:
+    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order)."""
+    h, w = input_size(data_config)
+    # JPEGs decode at reduced size when much larger than needed: training keeps twice
+    # the input size (random crops still see native detail), evaluation the resize size.
+    train_draft = (2 * w, 2 * h)
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    eval_draft = (math.ceil(w / crop_pct), math.ceil(h / crop_pct))
+    sampler = EpochSampler(
+        [e.target for e in splits.train],
+        seed=cfg.seed,
+        balance=cfg.balance,
+        rank=rt.rank,
+        world=rt.world,
+        batch_size=cfg.batch_size,
+    )
+    # Full batches only (BatchNorm and DDP want equal, non-tiny batches) unless the
+    # shard is smaller than one batch.
+    drop_last = len(sampler) >= cfg.batch_size
+    train = _loader(
+        splits.train,
+        augment.build_train_transform(data_config, cfg),
+        sampler,
+        cfg,
+        rt,
+        draft=train_draft,
+        drop_last=drop_last,
+    )
+    steps = len(train)
+    if cfg.max_steps_per_epoch > 0:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    eval_transform = augment.build_eval_transform(data_config, cfg)
+
+    def eval_loader(examples: tuple[Example, ...]) -> DataLoader | None:
+        if not examples:
+            return None
+        order = EpochSampler(
+            [e.target for e in examples],
+            shuffle=False,
+            rank=rt.rank,
+            world=rt.world,
+            pad=False,
+        )
+        return _loader(examples, eval_transform, order, cfg, rt, draft=eval_draft, drop_last=False)
+
+    return Loaders(train, eval_loader(splits.val), eval_loader(splits.test), steps)

@@ -21,18 +21,10 @@ the run finishes the current step, writes a resumable ``last.pt`` and raises
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
-import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -40,7 +32,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -48,21 +39,25 @@ from tqdm import tqdm
 
 from kaedama import storage
 from kaedama.config import config_to_dict
-from kaedama.errors import KaedamaError
 from kaedama.train import augment, optim
 from kaedama.train.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from kaedama.train.config import TrainConfig
-from kaedama.train.data import (
-    Batch,
-    EpochSampler,
-    Example,
-    ManifestDataset,
-    collate,
-    derive_seed,
-    load_splits,
-    seed_everything,
-)
+from kaedama.train.data import Batch, build_loaders, derive_seed, load_splits, seed_everything
+from kaedama.train.history import Board, write_history
 from kaedama.train.model import create_from_config, input_size, resolve_data_config, unwrap
+from kaedama.train.runtime import (
+    Preempted,
+    Runtime,
+    StopSignal,
+    TrainError,
+    all_gather,
+    all_sum,
+    barrier,
+    close_runtime,
+    consensus,
+    init_runtime,
+    weights_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,212 +65,6 @@ log = logging.getLogger(__name__)
 LOSS, CORRECT, COUNT, SKIPPED = range(4)
 # Salts that keep the derived seeds of different uses apart.
 _INIT, _STEP, _MIX = 1, 2, 3
-# Signals that stop a run at the next step with a resumable checkpoint (first = preferred).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class TrainError(KaedamaError):
-    """A training run cannot start or continue (bad device, incompatible resume, ...)."""
-
-
-class Preempted(KaedamaError):
-    """The run stopped on SIGTERM/SIGINT after writing a resumable ``last.pt``.
-
-    Attributes:
-        signum: the signal received (by at least one rank).
-        exit_code: ``128 + signum``, the shell's code for death by that signal
-            (143 for SIGTERM, 130 for SIGINT), so schedulers see an interrupted job.
-        epoch, step: the position saved in ``last.pt`` (completed epochs, steps into the next).
-    """
-
-    def __init__(self, signum: int, epoch: int, step: int, checkpoint: str):
-        self.signum, self.epoch, self.step = signum, epoch, step
-        self.exit_code = 128 + signum
-        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch + 1} step {step}"
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} {where}; {checkpoint} holds the state: "
-            "run the same command with --resume to continue"
-        )
-
-
-# --------------------------------------------------------------------------- runtime
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: its rank among ``world`` processes and its device."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # this process initialised the process group (and tears it down)
-    # Group for the per-step host-side exchange: a gloo group beside NCCL so that it
-    # never waits for the GPU stream; None = the default (already gloo) group.
-    cpu_group: Any = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        spec = f"cuda:{local_rank}"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise TrainError(f"device {spec!r} is not valid; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-def init_runtime(cfg: TrainConfig) -> Runtime:
-    """Join the process group described by torchrun's environment (if any) and pick a device.
-
-    The environment is read here, at call time: ``WORLD_SIZE`` > 1 means DDP with
-    ``env://`` rendezvous (``MASTER_ADDR``/``MASTER_PORT``), NCCL on GPUs, gloo on CPU.
-    """
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(cfg.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    owns, cpu_group = False, None
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            owns = True
-        if dist.get_backend() != "gloo":
-            cpu_group = dist.new_group(backend="gloo")  # collective: every rank creates it
-    return Runtime(
-        rank=rank,
-        world=world,
-        local_rank=local_rank,
-        device=device,
-        owns_group=owns,
-        cpu_group=cpu_group,
-    )
-
-
-def close_runtime(rt: Runtime) -> None:
-    """Leave the process group if :func:`init_runtime` joined it."""
-    if rt.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Sum ``t`` over ranks (returns a new tensor; identity for one process)."""
-    t = t.clone()
-    if rt.distributed:
-        device = rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        moved = t.to(device)
-        dist.all_reduce(moved)
-        t = moved.to(t.device)
-    return t
-
-
-def all_gather(t: torch.Tensor, rt: Runtime) -> list[torch.Tensor]:
-    """Every rank's copy of ``t`` (on CPU), in rank order."""
-    if not rt.distributed:
-        return [t.cpu()]
-    device = rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    parts = [torch.empty_like(t, device=device) for _ in range(rt.world)]
-    dist.all_gather(parts, t.to(device))
-    return [p.cpu() for p in parts]
-
-
-def weights_fingerprint(model: nn.Module) -> torch.Tensor:
-    """Three float64 numbers that change with any weight: sum, sum of squares, ramp-weighted sum."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
-    return torch.stack([flat.sum(), (flat * flat).sum(), (flat * ramp).sum()])
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        dist.barrier()
-
-
-def consensus(good: int, signum: int, rt: Runtime) -> tuple[int, int]:
-    """This step's readable images over all ranks, and the stop signal any rank received.
-
-    One all-reduce of three integers over the CPU group, so it never waits for a GPU.
-
-    Args:
-        good: readable images in this rank's batch.
-        signum: the stop signal this rank received (0 = none).
-
-    Returns:
-        ``(images over all ranks, signal)``: SIGTERM if any rank got it, else SIGINT if
-        any got that, else 0. Every rank gets the same answer, so all stop together.
-    """
-    if not rt.distributed:
-        return good, signum
-    t = torch.tensor([good, *(int(signum == sig) for sig in STOP_SIGNALS)], dtype=torch.int64)
-    dist.all_reduce(t, group=rt.cpu_group)
-    received = [sig for sig, n in zip(STOP_SIGNALS, t[1:].tolist(), strict=True) if n]
-    return int(t[0]), int(received[0]) if received else 0
-
-
-# --------------------------------------------------------------------------- preemption
-
-
-class StopSignal:
-    """While entered, SIGTERM/SIGINT only record a request to stop at the next step.
-
-    The loop polls :meth:`received` before every step (through :func:`consensus`, so
-    all ranks agree) and stops cleanly. A second signal is not held back: the previous handler is put back
-    and the signal raised again (kill -TERM twice, or Ctrl-C twice, ends the process now).
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def received(self) -> int:
-        """The stop signal received so far (0 = none); the loop polls this once per step."""
-        return self.signum
-
-    def _handle(self, signum: int, frame: object) -> None:
-        # No logging here: a handler runs between two bytecodes of the main thread,
-        # possibly inside a logging call; the loop reports the request when it sees it.
-        if self.signum:
-            previous = self._previous.get(signum)
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        self.signum = signum
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl-C reaches the whole process group, but only the main
-    process should react (it stops at a step boundary); a worker dying on it would abort
-    the loader before the checkpoint is written. Workers still exit with their parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -302,89 +91,6 @@ def _progress(total: int, desc: str, rt: Runtime) -> tqdm:
         dynamic_ncols=True,
         disable=not (rt.is_main and sys.stderr.isatty()),
     )
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _loader(
-    examples: tuple[Example, ...],
-    transform: Callable,
-    sampler: EpochSampler,
-    cfg: TrainConfig,
-    rt: Runtime,
-    *,
-    draft: tuple[int, int],
-    drop_last: bool,
-) -> DataLoader:
-    dataset = ManifestDataset(examples, transform, max_pixels=cfg.max_pixels, draft=draft)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        collate_fn=collate,
-        pin_memory=rt.device.type == "cuda",
-        drop_last=drop_last,
-        persistent_workers=cfg.workers > 0,
-        worker_init_fn=_ignore_sigint if cfg.workers > 0 else None,
-    )
-
-
-@dataclass
-class Loaders:
-    train: DataLoader
-    val: DataLoader | None
-    test: DataLoader | None
-    steps_per_epoch: int
-
-
-def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> Loaders:
-    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order)."""
-    h, w = input_size(data_config)
-    # JPEGs decode at reduced size when much larger than needed: training keeps twice
-    # the input size (random crops still see native detail), evaluation the resize size.
-    train_draft = (2 * w, 2 * h)
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    eval_draft = (math.ceil(w / crop_pct), math.ceil(h / crop_pct))
-    sampler = EpochSampler(
-        [e.target for e in splits.train],
-        seed=cfg.seed,
-        balance=cfg.balance,
-        rank=rt.rank,
-        world=rt.world,
-        batch_size=cfg.batch_size,
-    )
-    # Full batches only (BatchNorm and DDP want equal, non-tiny batches) unless the
-    # shard is smaller than one batch.
-    drop_last = len(sampler) >= cfg.batch_size
-    train = _loader(
-        splits.train,
-        augment.build_train_transform(data_config, cfg),
-        sampler,
-        cfg,
-        rt,
-        draft=train_draft,
-        drop_last=drop_last,
-    )
-    steps = len(train)
-    if cfg.max_steps_per_epoch > 0:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    eval_transform = augment.build_eval_transform(data_config, cfg)
-
-    def eval_loader(examples: tuple[Example, ...]) -> DataLoader | None:
-        if not examples:
-            return None
-        order = EpochSampler(
-            [e.target for e in examples],
-            shuffle=False,
-            rank=rt.rank,
-            world=rt.world,
-            pad=False,
-        )
-        return _loader(examples, eval_transform, order, cfg, rt, draft=eval_draft, drop_last=False)
-
-    return Loaders(train, eval_loader(splits.val), eval_loader(splits.test), steps)
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -604,61 +310,6 @@ def evaluate(
         "images": int(n),
         "skipped": int(sums[SKIPPED]),
     }
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-class Board:
-    """TensorBoard scalars on rank 0, written locally and copied to ``gs://`` outputs."""
-
-    def __init__(self, out_uri: str, enabled: bool):
-        self.writer = None
-        self.remote = None
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        if storage.is_gcs(out_uri):
-            # SummaryWriter writes local files only (gs:// needs TensorFlow); mirror them.
-            self.local = tempfile.mkdtemp(prefix="kaedama-tb-")
-            self.remote = storage.join(out_uri, "tb")
-        else:
-            self.local = os.path.join(out_uri, "tb")
-        self.writer = SummaryWriter(self.local)
-
-    def scalars(self, record: dict[str, Any], step: int) -> None:
-        if self.writer is None:
-            return
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key.replace("_", "/", 1), value, step)
-        self.writer.flush()
-        if self.remote is not None:
-            for root, _, files in os.walk(self.local):
-                for name in files:
-                    path = os.path.join(root, name)
-                    rel = os.path.relpath(path, self.local)
-                    with open(path, "rb") as fh:
-                        storage.write_bytes(storage.join(self.remote, rel), fh.read())
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            if self.remote is not None:
-                shutil.rmtree(self.local, ignore_errors=True)
-
-
-def write_history(out_uri: str, history: list[dict[str, Any]]) -> None:
-    """``history.json`` and ``history.csv``: one record per epoch."""
-    storage.write_text(storage.join(out_uri, "history.json"), json.dumps(history, indent=2))
-    if not history:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    storage.write_text(storage.join(out_uri, "history.csv"), buf.getvalue())
 
 
 def _fmt(value: float | None) -> str:

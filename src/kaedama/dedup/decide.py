@@ -1,14 +1,14 @@
 """Dedup decisions: exact duplicates, near-duplicates and label conflicts.
 
-Inputs are fingerprints (:class:`kaedama.hashing.ImageRecord`), the files that could
+Inputs are fingerprints (:class:`kaedama.dedup.hashing.ImageRecord`), the files that could
 not be read (:class:`Rejected`) and candidate pairs ``(uri_a, uri_b, distance)`` from
-an exact Hamming search (:mod:`kaedama.neighbors`). The output gives exactly one
+an exact Hamming search (:mod:`kaedama.dedup.neighbors`). The output gives exactly one
 manifest row per input file.
 
 Steps
     1. Candidates: every pair within ``threshold`` bits (distance recomputed here).
     2. Confirmation: a second, independent signal (the descriptor correlation of
-       :func:`kaedama.hashing.descriptor_similarity`) must reach
+       :func:`kaedama.dedup.hashing.descriptor_similarity`) must reach
        ``confirm_threshold``. Unconfirmed candidates are reported but never cluster,
        because different photos can share a phash (product shots on white).
     3. Clusters: connected components over identical sha256 and confirmed pairs.
@@ -33,8 +33,8 @@ digits of the smallest sha256 in the cluster.
 Scaling
     Hashing is per file and parallel. The pair search is parallel too in Beam: each
     hash is emitted under its ``t + 1`` block keys, the buckets are verified in
-    ``(block, shard)`` groups spread over workers (:mod:`kaedama.dedup_job`), and
-    the in-memory :func:`kaedama.neighbors.find_pairs` handles a million hashes in
+    ``(block, shard)`` groups spread over workers (:mod:`kaedama.dedup.job`), and
+    the in-memory :func:`kaedama.dedup.neighbors.find_pairs` handles a million hashes in
     seconds on one core (see BENCHMARKS.md). Buckets grow as
     N / 2^(64/(t+1)) for spread-out hashes; hashes that share blocks (blank or uniform
     images) make large buckets, which are logged and verified in bounded chunks, and
@@ -63,8 +63,7 @@ import numpy as np
 
 from kaedama import images
 from kaedama.config import ConfigError, config_to_dict
-from kaedama.errors import KaedamaError
-from kaedama.hashing import (
+from kaedama.dedup.hashing import (
     DESCRIPTOR_BYTES,
     DESCRIPTOR_VERSION,
     DRAFT_SIZE,
@@ -74,8 +73,9 @@ from kaedama.hashing import (
     descriptor_similarities,
     hash_to_hex,
 )
+from kaedama.dedup.neighbors import LARGE_BUCKET, find_pairs, hash_array
+from kaedama.errors import KaedamaError
 from kaedama.manifest import Row
-from kaedama.neighbors import LARGE_BUCKET, find_pairs, hash_array
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +618,7 @@ def find_candidate_pairs(
 ) -> list[tuple[str, str, int]]:
     """Every ``(uri_a, uri_b, distance)`` of different files within the threshold (in memory).
 
-    The exact search of :func:`kaedama.neighbors.find_pairs` over the distinct sha256s;
+    The exact search of :func:`kaedama.dedup.neighbors.find_pairs` over the distinct sha256s;
     the Beam job finds the same pairs with a distributed multi-index search.
     """
     members = _uris_by_sha(records)

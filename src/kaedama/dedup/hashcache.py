@@ -18,8 +18,8 @@ from typing import NamedTuple
 import numpy as np
 
 from kaedama import storage
+from kaedama.dedup.hashing import HashRecipe, hash_to_hex, hex_to_hash
 from kaedama.errors import KaedamaError
-from kaedama.hashing import HashRecipe, hash_to_hex, hex_to_hash
 
 FORMAT_VERSION = 2
 # Version 1 (unicode arrays, one recipe string per entry, compressed) is still read.

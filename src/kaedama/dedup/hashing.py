@@ -62,7 +62,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import imagehash
 import numpy as np
@@ -71,8 +71,25 @@ from PIL import Image
 
 from kaedama import images
 
-if TYPE_CHECKING:
-    from kaedama.hashcache import HashCache
+
+class FingerprintCache(Protocol):
+    """Where :func:`hash_image_bytes` looks up and stores results (a ``HashCache``).
+
+    A protocol, so that this module does not import the cache that imports it.
+    """
+
+    def get(self, sha256: str, recipe: HashRecipe | str) -> tuple | None: ...
+
+    def put(
+        self,
+        sha256: str,
+        recipe: HashRecipe | str,
+        width: int,
+        height: int,
+        hash: int,
+        descriptor: bytes,
+    ) -> None: ...
+
 
 # The reduced decode keeps at least this many pixels per side (and at least twice the
 # 4 * hash_size square the hash resamples to). At 256 px a photo under 512 px decodes
@@ -449,7 +466,7 @@ def hash_image_bytes(
     *,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     mtime: float = 0.0,
-    cache: HashCache | None = None,
+    cache: FingerprintCache | None = None,
     describe: bool = False,
 ) -> ImageRecord:
     """Fingerprint one image's bytes with the shared decoder.
@@ -460,7 +477,7 @@ def hash_image_bytes(
         recipe: how to make the perceptual hash.
         max_pixels: decompression-bomb guard handed to the decoder.
         mtime: modification time, used by the ``oldest`` keep policy.
-        cache: optional :class:`kaedama.hashcache.HashCache`; a hit skips the decode
+        cache: optional :class:`kaedama.dedup.hashcache.HashCache`; a hit skips the decode
             (and brings the descriptor when an earlier run stored one), a miss stores
             the new result.
         describe: also compute the second-signal descriptor (:func:`describe_bytes`).

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kaedama import storage
-from kaedama.dedup import (
+from kaedama.dedup.decide import (
     DedupConfig,
     DedupResult,
     Rejected,
@@ -45,13 +45,13 @@ from kaedama.dedup import (
     near_pair_uris,
     with_descriptors,
 )
+from kaedama.dedup.hashcache import HashCache
+from kaedama.dedup.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
+from kaedama.dedup.neighbors import block_keys, pairs_in_bucket
+from kaedama.dedup.review import render_report, thumbnail_data_uri
 from kaedama.errors import KaedamaError
-from kaedama.hashcache import HashCache
-from kaedama.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
 from kaedama.images import ImageError
 from kaedama.manifest import read_input, write_manifest
-from kaedama.neighbors import block_keys, pairs_in_bucket
-from kaedama.report import render_report, thumbnail_data_uri
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def bucket_pairs(
     """Verified ``(uri_a, uri_b, distance)`` pairs of one multi-index-hashing bucket.
 
     The bucket holds the groups whose hash has one value in block ``block`` (see
-    :func:`kaedama.neighbors.block_keys`). A pair of hashes may share several blocks
+    :func:`kaedama.dedup.neighbors.block_keys`). A pair of hashes may share several blocks
     and so meet in several buckets; it is reported only from the bucket of the first
     block they share, so that over all buckets every pair comes out exactly once.
     """
@@ -584,7 +584,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
     For local inputs where a runner's start-up and per-element costs dominate (a few
     thousand photos on a laptop). Each step calls the function the Beam job calls:
     :func:`fingerprint` per file (in a pool of forked processes), then
-    :func:`kaedama.dedup.find_candidate_pairs` (the in-memory exact pair search, which
+    :func:`kaedama.dedup.decide.find_candidate_pairs` (the in-memory exact pair search, which
     finds the same pairs as the Beam job's distributed search), :func:`describe_file`
     for the candidate images, ``decide``, :func:`thumbnail`, :func:`update_cache`,
     :func:`write_outputs` and :func:`plan_copies`.
