@@ -368,7 +368,11 @@ def _decide(gathered: dict[str, list], config: DedupConfig) -> DedupResult:
     )
     descriptors = {uri: desc for uri, _, desc in gathered["descriptors"]}
     return decide(
-        with_descriptors(records, descriptors), gathered["rejected"], gathered["pairs"], config
+        with_descriptors(records, descriptors),
+        gathered["rejected"],
+        gathered["pairs"],
+        config,
+        listed=sum(gathered["listed"]),
     )
 
 
@@ -376,7 +380,8 @@ class Decide(beam.PTransform):
     """Call ``decide`` on the gathered records, rejected files and pairs (one worker).
 
     Takes the :class:`Gather` output of ``{"records", "rejected", "pairs",
-    "descriptors"}`` (records as lists, one per chunk); returns a
+    "descriptors", "listed"}`` (records as lists, one per chunk; listed as the size of
+    each listed chunk); returns a
     single-element PCollection holding the :class:`kaedama.dedup.DedupResult`.
     """
 
@@ -400,10 +405,12 @@ def _write(
     result: DedupResult,
     thumbnails: dict[str, list],
     cache_stats: dict[str, Any],
+    copied: int,
     paths: JobPaths,
     config: DedupConfig,
 ) -> dict[str, Any]:
-    return write_outputs(result, dict(thumbnails["thumbnails"]), cache_stats, paths, config)
+    thumbs = dict(thumbnails["thumbnails"])
+    return write_outputs(result, thumbs, cache_stats, paths, config, copied=copied)
 
 
 class _ThumbnailShard(_PooledDoFn):
@@ -414,7 +421,7 @@ class _ThumbnailShard(_PooledDoFn):
         self.size = size
 
     def process(self, item: tuple[int, Iterable[str]]):
-        make = lambda uri: thumbnail(uri, self.size, self.config.max_pixels)  # noqa: E731
+        make = lambda uri: thumbnail(uri, self.size, self.config)  # noqa: E731
         yield from self._pool.map(make, sorted(set(item[1])))
 
 
@@ -443,15 +450,21 @@ class WriteOutputs(beam.PTransform):
             | "Thumbnails" >> beam.ParDo(_ThumbnailShard(self.paths.thumbnail_size, self.config))
         )
         thumbs = {"thumbnails": thumbs} | "GatherThumbnails" >> Gather()
-        if self.paths.materialize:
-            (
-                result
-                | "PlanCopies" >> beam.FlatMap(plan_copies, self.paths)
-                | "SpreadCopies" >> beam.Reshuffle()
-                | "CopyKept" >> beam.Map(copy_file)
-            )
+        # Files copied, counted as copied (and the summary is written after the copies).
+        copied = (
+            result
+            | "PlanCopies" >> beam.FlatMap(plan_copies, self.paths)
+            | "SpreadCopies" >> beam.Reshuffle()
+            | "CopyKept" >> beam.Map(copy_file)
+            | "CountCopied" >> beam.combiners.Count.Globally()
+        )
         return result | "Write" >> beam.Map(
-            _write, AsSingleton(thumbs), AsSingleton(cache_stats), self.paths, self.config
+            _write,
+            AsSingleton(thumbs),
+            AsSingleton(cache_stats),
+            AsSingleton(copied),
+            self.paths,
+            self.config,
         )
 
 
@@ -479,11 +492,14 @@ class Dedup(beam.PTransform):
         )
         descriptors = near | "Describe" >> Describe(config, cache)
         pairs = (identical, near) | "AllPairs" >> beam.Flatten()
+        # Counted where listed, apart from the rows, for the kept + dropped + rejected check.
+        listed = inputs | "CountListed" >> beam.Map(len)
         gathered = {
             "records": records,
             "rejected": rejected,
             "pairs": pairs,
             "descriptors": descriptors,
+            "listed": listed,
         } | "Gather" >> Gather()
         result = gathered | "Decide" >> Decide(config)
         return {"result": result, "gathered": gathered} | "WriteOutputs" >> WriteOutputs(

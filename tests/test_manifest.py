@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import unicodedata
+from pathlib import Path
 
 import pytest
 
@@ -97,12 +100,77 @@ def test_image_folder_labels_from_parent_folder(tmp_path):
     }
 
 
-def test_image_folder_refuses_unlabeled_files(tmp_path):
+def test_image_folder_lists_stray_and_special_entries_as_rejected_rows(tmp_path):
     (tmp_path / "cats").mkdir()
-    (tmp_path / "cats" / "a.jpg").write_bytes(b"x")
-    (tmp_path / "loose.jpg").write_bytes(b"x")
-    with pytest.raises(ManifestError, match="no label folder"):
-        manifest.list_image_folder(str(tmp_path))
+    (tmp_path / "cats" / "a.jpg").write_bytes(b"xyz")
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "README.txt").write_text("read me")
+    (tmp_path / "cats" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(tmp_path / "cats" / "pipe.jpg")
+    rows = {Path(r.uri).name: r for r in manifest.list_image_folder(str(tmp_path))}
+    assert sorted(rows) == [".DS_Store", "README.txt", "a.jpg", "gone.jpg", "pipe.jpg"]
+    assert (rows["a.jpg"].status, rows["a.jpg"].label, rows["a.jpg"].bytes) == ("kept", "cats", 3)
+    for name in (".DS_Store", "README.txt"):
+        assert (rows[name].status, rows[name].reason) == ("rejected", manifest.NO_LABEL)
+    for name in ("gone.jpg", "pipe.jpg"):
+        assert (rows[name].status, rows[name].reason) == ("rejected", manifest.NOT_A_FILE)
+        assert rows[name].label == "cats"
+
+
+def test_labels_are_nfc_normalised_and_the_listed_spelling_kept(tmp_path):
+    nfd = unicodedata.normalize("NFD", "ポテト")
+    assert nfd != "ポテト"
+    for label in (nfd, "ポテト"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "a.jpg").write_bytes(b"x")
+    rows = manifest.list_image_folder(str(tmp_path))
+    assert {r.label for r in rows} == {"ポテト"}
+    assert sorted(r.extra.get("label_raw", "") for r in rows) == ["", nfd]
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"uri,label\n{nfd}/a.jpg,{nfd}\n", encoding="utf-8")
+    (row,) = manifest.read_list(str(listing))
+    assert (row.label, row.extra["label_raw"]) == ("ポテト", nfd)
+
+
+def test_automl_csv_layout_becomes_ml_use(tmp_path):
+    listing = tmp_path / "automl.csv"
+    listing.write_text(
+        "TRAIN,gs://b/a.jpg,cat\nvalidation,gs://b/b.jpg,dog\nTEST,gs://b/c.jpg,cat\n"
+        "UNASSIGNED,gs://b/d.jpg,dog\ngs://b/e.jpg,cat\n"
+    )
+    rows = manifest.read_list(str(listing))
+    assert [(r.uri, r.label, r.extra.get("ml_use")) for r in rows] == [
+        ("gs://b/a.jpg", "cat", "training"),
+        ("gs://b/b.jpg", "dog", "validation"),
+        ("gs://b/c.jpg", "cat", "test"),
+        ("gs://b/d.jpg", "dog", None),
+        ("gs://b/e.jpg", "cat", None),
+    ]
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_line_separators_in_names_round_trip(sep):
+    rows = [Row(uri=f"/d/cat/a{sep}b.jpg", label=f"c{sep}t"), Row(uri="/d/cat/c.jpg", label="cat")]
+    text = manifest.dumps_manifest(rows)
+    assert sep not in text and text.count("\n") == 3
+    assert [(r.uri, r.label) for r in manifest.parse_manifest(text).rows] == [
+        (r.uri, r.label) for r in rows
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (Row(uri="", label="cat"), "uri"),
+        (Row(uri="a.jpg", label="cat", status="deleted"), "status"),
+        (Row(uri="a.jpg", label="cat", split="holdout"), "split"),
+        (Row(uri="a.jpg", label="cat", bytes=-1), "bytes"),
+    ],
+)
+def test_the_writer_refuses_rows_the_reader_would_refuse(tmp_path, row, message):
+    with pytest.raises(ManifestError, match=message):
+        manifest.write_manifest(str(tmp_path / "m.jsonl"), [row])
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_csv_and_jsonl_lists(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -33,11 +34,11 @@ def _jpeg(seed: int, size=(300, 200)) -> bytes:
     return buf.getvalue()
 
 
-def _member(uri: str, label: str, decision="kept", reason="", duplicate_of="") -> dict:
+def _member(uri: str, label: str, decision="kept", reason="", duplicate_of="", sha="") -> dict:
     return {
         "uri": uri,
         "label": label,
-        "sha256": "0" * 64,
+        "sha256": sha or hashlib.sha256(uri.encode()).hexdigest(),
         "bytes": 1234,
         "width": 300,
         "height": 200,
@@ -91,8 +92,8 @@ def _clusters() -> list[dict]:
             "decision": "drop_all",
             "kept": [],
             "members": [
-                _member("gs://bkt/猫/x.jpg", "猫", "dropped", "label_conflict"),
-                _member(evil_uri, EVIL, "dropped", "label_conflict"),
+                _member("gs://bkt/猫/x.jpg", "猫", "dropped", "label_conflict", sha="1" * 64),
+                _member(evil_uri, EVIL, "dropped", "label_conflict", sha="1" * 64),
             ],
             "exact_groups": [["gs://bkt/猫/x.jpg", evil_uri]],
             "pairs": [
@@ -112,9 +113,14 @@ def _clusters() -> list[dict]:
             "decision": "keep_one",
             "kept": ["gs://bkt/dog/1.jpg"],
             "members": [
-                _member("gs://bkt/dog/1.jpg", "dog"),
+                _member("gs://bkt/dog/1.jpg", "dog", sha="2" * 64),
                 _member(
-                    "gs://bkt/dog/2.jpg", "dog", "dropped", "exact_duplicate", "gs://bkt/dog/1.jpg"
+                    "gs://bkt/dog/2.jpg",
+                    "dog",
+                    "dropped",
+                    "exact_duplicate",
+                    "gs://bkt/dog/1.jpg",
+                    sha="2" * 64,
                 ),
             ],
             "exact_groups": [["gs://bkt/dog/1.jpg", "gs://bkt/dog/2.jpg"]],

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import posixpath
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,6 +33,15 @@ MANIFEST_NAME = "manifest.jsonl"
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".ndjson")
 STATUSES = ("kept", "dropped", "rejected")
 SPLITS = ("train", "val", "test")
+# Reasons for rows rejected when listed, before any byte is read.
+NO_LABEL = "no_label"  # a file directly under an ImageFolder root, or an empty label
+NOT_A_FILE = "not_a_file"  # a broken symlink, FIFO, socket or device
+DUPLICATE_URI = "duplicate_uri"  # a list names this URI again (the first row counts)
+# Line breaks that json.dumps(ensure_ascii=False) leaves unescaped inside strings but
+# str.splitlines() (and many JSONL readers) split on: a file name may hold them.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+# AutoML Vision's import CSV: [set,]uri,label with set one of these (UNASSIGNED: any).
+AUTOML_SETS = {"TRAIN": "training", "VALIDATION": "validation", "TEST": "test", "UNASSIGNED": ""}
 
 
 class ManifestError(KaedamaError):
@@ -130,9 +140,32 @@ def row_from_dict(data: Any, *, uri: str | None = None, line: int | None = None)
     return row
 
 
+def json_line(value: Any) -> str:
+    """One JSON Lines line (no newline): unicode stays readable, line breaks stay escaped.
+
+    ``json.dumps(ensure_ascii=False)`` writes U+2028, U+2029 and U+0085 raw; a reader
+    splitting on them would cut the line. They can only occur inside strings, where
+    their escaped form is equivalent JSON.
+    """
+    line = json.dumps(value, ensure_ascii=False)
+    if any(ch in line for ch in _LINE_BREAKS):
+        for raw, escaped in _LINE_BREAKS.items():
+            line = line.replace(raw, escaped)
+    return line
+
+
+def normalize_label(label: str) -> str:
+    """The NFC form of a label, so that NFC and NFD spellings of ``三田本店`` are one class."""
+    return unicodedata.normalize("NFC", label)
+
+
 def _iter_json_lines(text: str, uri: str | None) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, decoded value) for each non-blank JSON line."""
-    for number, raw in enumerate(text.splitlines(), start=1):
+    """(1-based line number, decoded value) for each non-blank JSON line.
+
+    Lines end at ``\n`` only (``\r\n`` too): not at the other breaks that
+    ``str.splitlines`` knows, which a raw file name inside a string may hold.
+    """
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -182,7 +215,12 @@ def dumps_manifest(rows: Iterable[Row], header: dict[str, Any] | None = None) ->
     """Serialise rows (and a header) to JSON Lines text; unicode stays readable."""
     head = {"version": FORMAT_VERSION, **(header or {})}
     lines = [json.dumps({HEADER_KEY: head}, ensure_ascii=False, sort_keys=True)]
-    lines.extend(json.dumps(r.to_json(), ensure_ascii=False) for r in rows)
+    for number, row in enumerate(rows, start=2):
+        data = row.to_json()
+        # The reader's rules, applied when written: a bad row fails here, naming itself,
+        # not in the next stage.
+        row_from_dict(data, uri="manifest being written", line=number)
+        lines.append(json_line(data))
     return "\n".join(lines) + "\n"
 
 
@@ -205,31 +243,33 @@ def label_from_path(uri: str, root: str) -> str:
 def list_image_folder(root: str) -> list[Row]:
     """One row per file under ``root`` (ImageFolder layout: label = parent folder).
 
-    Every file is listed, whatever its extension: images are recognised by
-    content later, and a non-image is reported, not skipped here.
-
-    Raises:
-        ManifestError: when files sit directly in ``root`` (they would have no label).
+    Every entry is listed, whatever its extension: images are recognised by content
+    later, and a non-image is reported, not skipped here. Rows that cannot be used are
+    listed as rejected with a reason, so that nothing disappears from the counts:
+    files directly in ``root`` (:data:`NO_LABEL`: a ``.DS_Store`` or ``README.txt``)
+    and local entries that are not files (:data:`NOT_A_FILE`: broken symlinks, FIFOs).
+    ``bytes`` is the listed size; labels are NFC-normalised (the raw folder name is
+    kept in ``extra["label_raw"]`` when it differs).
     """
-    uris = storage.list_files(root, recursive=True)
     rows: list[Row] = []
-    unlabeled = []
     prefix = root.rstrip("/") + "/"
-    for uri in uris:
+    for info in sorted(storage.iter_files(root, special=True), key=lambda i: i.uri):
+        uri = info.uri
         if uri.startswith(prefix):  # as listed: the label is plain string work
-            label = posixpath.basename(posixpath.dirname(uri[len(prefix) :]))
+            raw = posixpath.basename(posixpath.dirname(uri[len(prefix) :]))
         else:
-            label = label_from_path(uri, root)
-        if not label:
-            unlabeled.append(uri)
-            continue
-        rows.append(Row(uri=uri, label=label))
-    if unlabeled:
-        raise ManifestError(
-            f"{len(unlabeled)} file(s) directly under the root have no label folder "
-            f"(e.g. {unlabeled[0]}); put images in <root>/<label>/ or pass a CSV/JSONL list",
-            uri=root,
-        )
+            raw = label_from_path(uri, root)
+        label = normalize_label(raw)
+        row = Row(uri=uri, label=label, bytes=info.size)
+        if raw != label:
+            row.extra["label_raw"] = raw
+        if info.kind != "file":
+            row.status, row.reason = "rejected", NOT_A_FILE
+            row.extra["message"] = f"{info.kind.replace('_', ' ')}: not a readable file"
+        elif not label:
+            row.status, row.reason = "rejected", NO_LABEL
+            row.extra["message"] = "directly under the root: put images in <root>/<label>/"
+        rows.append(row)
     return rows
 
 
@@ -252,7 +292,17 @@ def _iter_list_records(text: str, uri: str) -> Iterator[tuple[int, dict[str, Any
             header = ["uri", "label"] + [f"column{i}" for i in range(3, len(record) + 1)]
         if len(record) < 2:
             raise ManifestError("expected at least two columns: uri,label", uri=uri, line=number)
-        yield number, dict(zip(header, (c.strip() for c in record), strict=False))
+        cells = [c.strip() for c in record]
+        if header[0] == "uri" and cells[0].upper() in AUTOML_SETS:
+            # AutoML Vision's layout: set,uri,label; the set becomes ml_use for split.
+            ml_use = AUTOML_SETS[cells[0].upper()]
+            data = {"uri": cells[1], "label": cells[2] if len(cells) > 2 else ""}
+            data.update(zip(header[3:], cells[4:], strict=False))
+            if ml_use:
+                data["ml_use"] = ml_use
+            yield number, data
+            continue
+        yield number, dict(zip(header, cells, strict=False))
 
 
 def _parent(uri: str) -> str:
@@ -276,7 +326,11 @@ def read_list(uri: str, *, base: str | None = None) -> list[Row]:
             target = data["uri"]
             if not storage.is_gcs(target) and not posixpath.isabs(target) and "://" not in target:
                 data = {**data, "uri": storage.join(base, target)}
-        rows.append(row_from_dict(data, uri=uri, line=number))
+        row = row_from_dict(data, uri=uri, line=number)
+        label = normalize_label(row.label)
+        if label != row.label:
+            row.extra["label_raw"], row.label = row.label, label
+        rows.append(row)
     return rows
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "EMULATOR_ENV",
     "FileInfo",
     "NotFoundError",
+    "TooLargeError",
     "RetryPolicy",
     "StorageError",
     "copy",
@@ -91,6 +92,15 @@ class NotFoundError(StorageError):
     """The object, file, folder or bucket named in the message does not exist."""
 
 
+class TooLargeError(StorageError):
+    """A file is larger than the caller's ``max_bytes``; nothing beyond the limit was read."""
+
+    def __init__(self, uri: str, size: int | None, limit: int):
+        self.size, self.limit = size, limit
+        found = f"{size} bytes" if size is not None else "more bytes"
+        super().__init__(f"{uri} holds {found}, over the limit of {limit} bytes (max_bytes)")
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """A file's URI (in the same style as the prefix it was listed from), size and mtime.
@@ -101,6 +111,9 @@ class FileInfo:
     uri: str
     size: int
     mtime: float
+    # "file", or for listings that ask for them (``special=True``): "broken_link" (a
+    # symlink to nothing) or "special" (FIFO, socket, device): entries that cannot be read.
+    kind: str = "file"
 
 
 @dataclass(frozen=True)
@@ -425,7 +438,7 @@ def _gcs_iter(prefix: str, recursive: bool) -> Iterator[FileInfo]:
 # --------------------------------------------------------------------------- local
 
 
-def _local_iter(prefix: str, recursive: bool) -> Iterator[FileInfo]:
+def _local_iter(prefix: str, recursive: bool, special: bool = False) -> Iterator[FileInfo]:
     root = _local_path(prefix)
     if not os.path.isdir(root):
         if os.path.exists(root):
@@ -450,6 +463,15 @@ def _local_iter(prefix: str, recursive: bool) -> Iterator[FileInfo]:
             elif entry.is_file():
                 info = entry.stat()
                 yield FileInfo(_local_uri(entry.path, prefix), info.st_size, info.st_mtime)
+            elif special:
+                broken = entry.is_symlink() and not os.path.exists(entry.path)
+                info = entry.stat(follow_symlinks=False)
+                yield FileInfo(
+                    _local_uri(entry.path, prefix),
+                    0,
+                    info.st_mtime,
+                    "broken_link" if broken else "special",
+                )
         if recursive:
             stack.extend(reversed(subfolders))
 
@@ -496,7 +518,7 @@ def _atomic_local_write(path: str, write: Callable[[BinaryIO], None], uri: str) 
 # --------------------------------------------------------------------------- public API
 
 
-def iter_files(prefix: str, *, recursive: bool = True) -> Iterator[FileInfo]:
+def iter_files(prefix: str, *, recursive: bool = True, special: bool = False) -> Iterator[FileInfo]:
     """Yield every file (not folder) under the folder ``prefix`` with its size and mtime.
 
     Order: by object name on GCS; folder by folder, names sorted, locally. Use
@@ -505,13 +527,16 @@ def iter_files(prefix: str, *, recursive: bool = True) -> Iterator[FileInfo]:
     Args:
         prefix: A local folder, ``file://`` folder or ``gs://bucket[/prefix]``.
         recursive: Include files in subfolders.
+        special: Also yield local entries that are neither files nor folders (broken
+            symlinks, FIFOs, sockets), with their :attr:`FileInfo.kind`, so that a
+            caller can report them instead of losing them silently.
 
     Raises:
         NotFoundError: The bucket or local folder does not exist.
     """
     if is_gcs(prefix):
         return _gcs_iter(prefix, recursive)
-    return _local_iter(prefix, recursive)
+    return _local_iter(prefix, recursive, special)
 
 
 def list_files(prefix: str, *, recursive: bool = True) -> list[str]:
@@ -576,21 +601,46 @@ def exists(uri: str) -> bool:
         return False
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, *, max_bytes: int = 0) -> bytes:
     """The whole content of one file.
+
+    Args:
+        uri: local path or ``gs://`` URI.
+        max_bytes: when > 0, refuse a larger file without reading more than
+            ``max_bytes + 1`` bytes of it (a local file's size is checked before any
+            read; an object is fetched with a bounded range request), so a stray
+            multi-GB video never lands in memory.
 
     Raises:
         NotFoundError: The file, object or bucket does not exist.
+        TooLargeError: The file is larger than ``max_bytes``.
+        StorageError: Not a regular file (a FIFO would block a plain read forever).
     """
     if is_gcs(uri):
         bucket, name = _blob_name(uri)
         blob = _client().bucket(bucket).blob(name)
-        return _gcs_call(lambda: blob.download_as_bytes(retry=None), uri)
+        if max_bytes <= 0:
+            return _gcs_call(lambda: blob.download_as_bytes(retry=None), uri)
+        data = _gcs_call(lambda: blob.download_as_bytes(start=0, end=max_bytes, retry=None), uri)
+        if len(data) > max_bytes:
+            raise TooLargeError(uri, None, max_bytes)
+        return data
+    path = _local_path(uri)
     try:
-        with open(_local_path(uri), "rb") as handle:
-            return handle.read()
+        info = os.stat(path)
+        if not stat_module.S_ISREG(info.st_mode):
+            if stat_module.S_ISDIR(info.st_mode):
+                raise StorageError(f"{uri} is a folder, not a file")
+            raise StorageError(f"{uri} is not a regular file (a FIFO, socket or device)")
+        if 0 < max_bytes < info.st_size:
+            raise TooLargeError(uri, info.st_size, max_bytes)
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1) if max_bytes > 0 else handle.read()
     except OSError as err:
         raise _local_error(uri, err) from err
+    if max_bytes > 0 and len(data) > max_bytes:  # grew since the stat
+        raise TooLargeError(uri, None, max_bytes)
+    return data
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:

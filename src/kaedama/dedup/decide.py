@@ -52,7 +52,6 @@ Scaling
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,7 +74,7 @@ from kaedama.dedup.hashing import (
 )
 from kaedama.dedup.neighbors import LARGE_BUCKET, find_pairs, hash_array
 from kaedama.errors import KaedamaError
-from kaedama.manifest import Row
+from kaedama.manifest import DUPLICATE_URI, Row
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIRM_THRESHOLD = 0.80
 
 REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
+
+
+# 256 MiB: far above any photo (a 100 MP JPEG is ~40 MB), far below a worker's memory.
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 
 class DedupError(KaedamaError):
@@ -148,6 +151,13 @@ class DedupConfig:
         default=images.DEFAULT_MAX_PIXELS,
         metadata={"help": "reject images with more pixels than this (decompression bombs)"},
     )
+    max_bytes: int = field(
+        default=DEFAULT_MAX_BYTES,
+        metadata={
+            "help": "reject files larger than this many bytes before reading them "
+            "(a stray video never lands in a worker's memory); reason too_large"
+        },
+    )
     read_threads: int = field(
         default=4,
         metadata={
@@ -169,6 +179,8 @@ class DedupConfig:
             raise ConfigError(f"max_bucket must be >= 2, got {self.max_bucket}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_bytes < 1:
+            raise ConfigError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.read_threads < 1:
             raise ConfigError(f"read_threads must be >= 1, got {self.read_threads}")
 
@@ -286,18 +298,27 @@ def _dedup_within_label(
     config: DedupConfig,
     decisions: list[_Decision],
 ) -> list[int]:
-    """Keep one image per connected group of ``members`` (one label); returns kept indices."""
-    inside = set(members)
+    """Keep one image per connected group of ``members`` (one label); returns kept indices.
+
+    Connectivity is by content: files with the same sha256 are one node, and an edge
+    between any two files joins their contents. Candidate pairs name one file per
+    content (the search pairs contents, not every copy), so an edge found between
+    copies under another label still joins this label's copies of the same contents.
+    """
     local = {m: k for k, m in enumerate(members)}
-    a = [local[x] for x, y in edges if x in inside and y in inside]
-    b = [local[y] for x, y in edges if x in inside and y in inside]
-    by_sha: dict[str, list[int]] = defaultdict(list)
+    first_of_sha: dict[str, int] = {}
+    a: list[int] = []
+    b: list[int] = []
     for m in members:
-        by_sha[recs[m].sha256].append(m)
-    for group in by_sha.values():
-        for other in group[1:]:
-            a.append(local[group[0]])
-            b.append(local[other])
+        first = first_of_sha.setdefault(recs[m].sha256, local[m])
+        if first != local[m]:
+            a.append(first)
+            b.append(local[m])
+    for x, y in edges:
+        fx, fy = first_of_sha.get(recs[x].sha256), first_of_sha.get(recs[y].sha256)
+        if fx is not None and fy is not None:
+            a.append(fx)
+            b.append(fy)
     comp = _components(len(members), np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
     groups: dict[int, list[int]] = defaultdict(list)
     for m, c in zip(members, comp.tolist(), strict=True):
@@ -388,6 +409,8 @@ def decide(
     rejected: Sequence[Rejected],
     candidate_pairs: Iterable[tuple[str, str, int]],
     config: DedupConfig,
+    *,
+    listed: int | None = None,
 ) -> DedupResult:
     """Decide kept/dropped for every image; see the module docstring for the rules.
 
@@ -398,17 +421,20 @@ def decide(
             order and possibly repeated; the distance is recomputed from the records,
             and pairs beyond ``config.threshold`` are ignored.
         config: the stage configuration.
+        listed: how many entries the listing gave, counted where they were listed
+            (not from the rows): kept + dropped + rejected must equal it.
 
     Returns:
         The :class:`DedupResult`.
 
     Raises:
-        DedupError: a URI appears twice, or a pair names an unknown URI.
+        DedupError: a URI appears twice (other than as a ``duplicate_uri`` rejection),
+            a pair names an unknown URI, or the counts do not add up to ``listed``.
     """
     recs = sorted(records, key=lambda r: r.uri)
-    rej = sorted(rejected, key=lambda r: r.uri)
+    rej = sorted(rejected, key=lambda r: (r.uri, r.reason == DUPLICATE_URI, r.label))
     seen: set[str] = set()
-    for uri in [r.uri for r in recs] + [r.uri for r in rej]:
+    for uri in [r.uri for r in recs] + [r.uri for r in rej if r.reason != DUPLICATE_URI]:
         if uri in seen:
             raise DedupError(f"{uri} is listed more than once; list every file once")
         seen.add(uri)
@@ -430,14 +456,20 @@ def decide(
     eb = [j for _, j in edges] + [o for g in by_sha.values() for o in g[1:]]
     comp = _components(n, np.array(ea, dtype=np.int64), np.array(eb, dtype=np.int64))
 
+    components = comp.tolist()
     members_of: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(comp.tolist()):
+    for i, c in enumerate(components):
         members_of[c].append(i)
+    # Each cluster's own edges, so that deciding a cluster costs its size, not the run's.
+    edges_of: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for i, j in edges:
+        edges_of[components[i]].append((i, j))
     decisions = [_Decision() for _ in range(n)]
     clusters: list[dict[str, Any]] = []
-    for members in members_of.values():
+    for root, members in members_of.items():
         if len(members) < 2:
             continue
+        cluster_edges = edges_of[root]
         cid = "c" + min(recs[m].sha256 for m in members)[:12]
         for m in members:
             decisions[m].cluster = cid
@@ -445,12 +477,12 @@ def decide(
         kept: list[int] = []
         if len(labels) == 1:
             decision = "keep_one"
-            kept = _dedup_within_label(members, recs, edges, config, decisions)
+            kept = _dedup_within_label(members, recs, cluster_edges, config, decisions)
         elif config.conflict_policy == "review":
             decision = "review"
             for label in sorted(labels):
                 subset = [m for m in members if recs[m].label == label]
-                kept += _dedup_within_label(subset, recs, edges, config, decisions)
+                kept += _dedup_within_label(subset, recs, cluster_edges, config, decisions)
             for m in members:
                 decisions[m].extra["review"] = "label_conflict"
         else:
@@ -465,7 +497,7 @@ def decide(
                     decisions[m].reason = "label_conflict"
             if majority:
                 subset = [m for m in members if recs[m].label == top_label]
-                kept = _dedup_within_label(subset, recs, edges, config, decisions)
+                kept = _dedup_within_label(subset, recs, cluster_edges, config, decisions)
         clusters.append(
             {
                 "id": cid,
@@ -547,8 +579,8 @@ def decide(
         )
         for r in rej
     ]
-    rows.sort(key=lambda row: row.uri)
-    summary = summarise(rows, candidates_out, clusters, config)
+    rows.sort(key=lambda row: (row.uri, row.reason == DUPLICATE_URI, row.label))
+    summary = summarise(rows, candidates_out, clusters, config, listed=listed)
     return DedupResult(rows, clusters, candidates_out, summary)
 
 
@@ -557,8 +589,13 @@ def summarise(
     candidate_pairs: Sequence[tuple[str, str, int, float, bool]],
     clusters: Sequence[dict[str, Any]],
     config: DedupConfig,
+    *,
+    listed: int | None = None,
 ) -> dict[str, Any]:
     """Counts for ``summary.json``; checks that kept + dropped + rejected = input.
+
+    ``input`` is ``listed`` (counted by the listing) when given, so the check compares
+    two independent counts and fails if a row was lost or made up on the way.
 
     Returns:
         ``{"input", "kept", "dropped", "rejected", "by_reason", "per_label":
@@ -576,7 +613,7 @@ def summarise(
         entry["before"] += 1
         entry["after" if r.status == "kept" else r.status] += 1
     summary = {
-        "input": len(rows),
+        "input": len(rows) if listed is None else listed,
         "kept": by_status.get("kept", 0),
         "dropped": by_status.get("dropped", 0),
         "rejected": by_status.get("rejected", 0),
@@ -592,7 +629,10 @@ def summarise(
         "config": config_to_dict(config),
     }
     if summary["kept"] + summary["dropped"] + summary["rejected"] != summary["input"]:
-        raise DedupError(f"internal error: counts do not add up: {summary}")
+        raise DedupError(
+            f"internal error: kept {summary['kept']} + dropped {summary['dropped']} + "
+            f"rejected {summary['rejected']} != {summary['input']} files listed"
+        )
     return summary
 
 
@@ -605,18 +645,18 @@ def _uris_by_sha(records: Iterable[ImageRecord]) -> dict[str, list[str]]:
 
 
 def identical_file_pairs(records: Iterable[ImageRecord]) -> list[tuple[str, str, int]]:
-    """Every pair of files with identical bytes, ``(a, b, 0)`` with ``a < b``."""
-    return [
-        (a, b, 0)
-        for uris in _uris_by_sha(records).values()
-        for a, b in itertools.combinations(uris, 2)
-    ]
+    """An edge ``(first, other, 0)`` from each content's first URI to each of its copies.
+
+    n identical files give n - 1 edges (a star), not n(n-1)/2 pairs: the clusters are
+    the same, and 5,000 copies of a placeholder image stay cheap.
+    """
+    return [(uris[0], other, 0) for uris in _uris_by_sha(records).values() for other in uris[1:]]
 
 
 def find_candidate_pairs(
     records: Sequence[ImageRecord], config: DedupConfig
 ) -> list[tuple[str, str, int]]:
-    """Every ``(uri_a, uri_b, distance)`` of different files within the threshold (in memory).
+    """``(uri_a, uri_b, distance)`` for every pair of different contents within the threshold.
 
     The exact search of :func:`kaedama.dedup.neighbors.find_pairs` over the distinct sha256s;
     the Beam job finds the same pairs with a distributed multi-index search.
@@ -629,11 +669,12 @@ def find_candidate_pairs(
         config.threshold,
         max_bucket=config.max_bucket,
     )
+    # One pair per pair of contents, between their first URIs: the copies join through
+    # identical_file_pairs, so the clusters are those of every copy against every copy.
     pairs = []
     for i, j, d in found.tolist():
-        for a in members[shas[i]]:
-            for b in members[shas[j]]:
-                pairs.append((a, b, d) if a < b else (b, a, d))
+        a, b = members[shas[i]][0], members[shas[j]][0]
+        pairs.append((a, b, d) if a < b else (b, a, d))
     return sorted(pairs)
 
 

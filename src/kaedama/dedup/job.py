@@ -30,7 +30,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kaedama import storage
@@ -48,15 +48,38 @@ from kaedama.dedup.decide import (
 from kaedama.dedup.hashcache import HashCache
 from kaedama.dedup.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
 from kaedama.dedup.neighbors import block_keys, pairs_in_bucket
-from kaedama.dedup.review import render_report, thumbnail_data_uri
+from kaedama.dedup.review import render_report, representatives, thumbnail_data_uri
 from kaedama.errors import KaedamaError
 from kaedama.images import ImageError
-from kaedama.manifest import read_input, write_manifest
+from kaedama.manifest import (
+    DUPLICATE_URI,
+    NO_LABEL,
+    NOT_A_FILE,
+    Row,
+    json_line,
+    normalize_label,
+    read_input,
+    read_list,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 # Reason recorded for a file that is listed but cannot be read at all (storage error).
 UNREADABLE = "unreadable"
+# Reason for a file over DedupConfig.max_bytes (the decoder's name for too many pixels).
+TOO_LARGE = "too_large"
+LISTING_MESSAGES = {
+    NO_LABEL: "no label: put images in <root>/<label>/, or give the row a label",
+    NOT_A_FILE: "not a readable file (a broken symlink, FIFO, socket or device)",
+    DUPLICATE_URI: "listed more than once; the first listing is used",
+}
+
+
+def read_limited(uri: str, config: DedupConfig) -> bytes:
+    """A file's bytes, refused (:class:`kaedama.storage.TooLargeError`) over ``max_bytes``."""
+    return storage.read_bytes(uri, max_bytes=config.max_bytes)
+
 
 MANIFEST_NAME = "manifest.jsonl"
 CLUSTERS_NAME = "clusters.jsonl"
@@ -139,9 +162,30 @@ def check_paths(paths: JobPaths) -> None:
             )
 
 
-def list_inputs(source: str) -> list[tuple[str, str]]:
-    """``(uri, label)`` for every file under an ImageFolder root, or every row of a list."""
-    return [(row.uri, row.label) for row in read_input(source)]
+# A file to fingerprint: (uri, label, reason). A reason means the listing already
+# rejected it (no label, not a file, listed twice): it is reported, never read.
+Item = tuple[str, str, str]
+
+
+def list_inputs(source: str) -> list[Item]:
+    """An :data:`Item` for every entry under an ImageFolder root, or every row of a list.
+
+    Nothing listed is left out: entries the job cannot use carry their reason
+    (:data:`kaedama.manifest.NO_LABEL`, :data:`~kaedama.manifest.NOT_A_FILE`), and a
+    URI listed again is rejected as :data:`~kaedama.manifest.DUPLICATE_URI` (the first
+    listing counts).
+    """
+    items: list[Item] = []
+    seen: set[str] = set()
+    for row in read_input(source):
+        reason = row.reason if row.status == "rejected" else ""
+        if not reason and not row.label:
+            reason = NO_LABEL
+        if not reason and row.uri in seen:
+            reason = DUPLICATE_URI
+        seen.add(row.uri)
+        items.append((row.uri, row.label, reason))
+    return items
 
 
 # Files per element of the distributed job: a runner's cost is per element, a photo's
@@ -150,7 +194,7 @@ def list_inputs(source: str) -> list[tuple[str, str]]:
 CHUNK = 256
 
 
-def list_chunks(source: str, size: int = CHUNK) -> Iterator[list[tuple[str, str]]]:
+def list_chunks(source: str, size: int = CHUNK) -> Iterator[list[Item]]:
     """:func:`list_inputs` in chunks of at most ``size`` files (the job's unit of work)."""
     items = list_inputs(source)
     for start in range(0, len(items), size):
@@ -161,7 +205,7 @@ def list_chunks(source: str, size: int = CHUNK) -> Iterator[list[tuple[str, str]
 
 
 def fingerprint(
-    item: tuple[str, str],
+    item: Item,
     config: DedupConfig,
     recipe: HashRecipe,
     cache: HashCache | None = None,
@@ -169,13 +213,18 @@ def fingerprint(
     """Read one file and fingerprint it, or say why it cannot be: never raises for a bad file.
 
     Returns:
-        The :class:`ImageRecord`, or a :class:`Rejected` with the decoder's reason
-        (``unreadable`` when storage could not read the file at all).
+        The :class:`ImageRecord`, or a :class:`Rejected` with the listing's reason, the
+        decoder's reason, ``too_large`` (over ``config.max_bytes``, not read) or
+        ``unreadable`` (storage could not read the file at all).
     """
-    uri, label = item
+    uri, label, reason = item
+    if reason:
+        return Rejected(uri, label, reason, LISTING_MESSAGES.get(reason, reason))
     try:
-        data = storage.read_bytes(uri)
+        data = read_limited(uri, config)
         mtime = storage.stat(uri).mtime if config.exact_keep == "oldest" else 0.0
+    except storage.TooLargeError as exc:
+        return Rejected(uri, label, TOO_LARGE, str(exc), exc.size or 0)
     except storage.StorageError as exc:
         return Rejected(uri, label, UNREADABLE, str(exc))
     try:
@@ -225,7 +274,7 @@ def describe_file(
     longer be read gives an empty descriptor: its pairs stay unconfirmed (logged).
     """
     try:
-        data = storage.read_bytes(uri)
+        data = read_limited(uri, config)
     except storage.StorageError as exc:
         log.warning("cannot describe %s: %s", uri, exc)
         return uri, "", b""
@@ -312,11 +361,10 @@ def exact_group(sha256: str, members: Iterable[tuple[str, str]]) -> Group:
 
 
 def identical_pairs(group: Group) -> Iterator[tuple[str, str, int]]:
-    """Every pair of identical files in a group, ``(a, b, 0)`` with ``a < b``."""
+    """A star of edges ``(first, other, 0)`` over a group's sorted URIs: n - 1, not n(n-1)/2."""
     uris = group[2]
-    for i, a in enumerate(uris):
-        for b in uris[i + 1 :]:
-            yield (a, b, 0)
+    for other in uris[1:]:
+        yield (uris[0], other, 0)
 
 
 def _share_earlier_block(ha: int, hb: int, block: int, threshold: int, bits: int) -> bool:
@@ -355,9 +403,10 @@ def bucket_pairs(
         (ha, uris_a), (hb, uris_b) = by_sha[sha_a], by_sha[sha_b]
         if block and _share_earlier_block(ha, hb, block, threshold, bits):
             continue
-        for a in uris_a:
-            for b in uris_b:
-                yield (a, b, dist) if a < b else (b, a, dist)
+        # One pair per pair of contents (their first URIs): copies join through
+        # identical_pairs, so n copies never multiply into n * m pairs.
+        a, b = uris_a[0], uris_b[0]
+        yield (a, b, dist) if a < b else (b, a, dist)
 
 
 def block_shards(
@@ -397,7 +446,7 @@ def shard_pairs(
 
 
 def _jsonl(items: Iterable[Any]) -> str:
-    return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    return "".join(json_line(item) + "\n" for item in items)
 
 
 def _candidate_json(pair: Sequence[Any]) -> dict[str, Any]:
@@ -499,20 +548,55 @@ def copy_file(pair: tuple[str, str]) -> str:
 
 
 def cluster_uris(result: DedupResult) -> Iterator[str]:
-    """The URI of every cluster member: the images the review page shows."""
+    """One URI per content of each cluster: the images the review page shows.
+
+    Identical files share one thumbnail (see :func:`kaedama.dedup.review.render_report`),
+    so a cluster of 5,000 copies costs one decode, not 5,000.
+    """
     for cluster in result.clusters:
-        for member in cluster["members"]:
-            yield member["uri"]
+        yield from representatives(cluster).values()
 
 
-def thumbnail(uri: str, size: int, max_pixels: int) -> tuple[str, str | None]:
+def thumbnail(uri: str, size: int, config: DedupConfig) -> tuple[str, str | None]:
     """``(uri, data URI of its thumbnail)``; None (a placeholder on the page) if unreadable."""
     try:
-        return uri, thumbnail_data_uri(storage.read_bytes(uri), size=size, max_pixels=max_pixels)
+        data = read_limited(uri, config)
+        return uri, thumbnail_data_uri(data, size=size, max_pixels=config.max_pixels)
     except (storage.StorageError, ImageError) as exc:
         # The file was hashed earlier in the job, so this is rare (e.g. deleted meanwhile).
         log.warning("no thumbnail for %s: %s", uri, exc)
         return uri, None
+
+
+def with_input_columns(rows: Sequence[Row], source: str) -> list[Row]:
+    """The rows with what the input said of each file beyond its URI and label.
+
+    A list's extra columns (``ml_use``, ``split``, anything else) are carried to the
+    manifest (read again here, by URI: the fingerprints that reached ``decide`` carry
+    only URI and label), and a label respelled in Unicode NFC keeps its listed
+    spelling in ``label_raw``. Split and training read these columns.
+    """
+    if is_list_input(source):
+        listed: dict[str, dict[str, Any]] = {}
+        for row in read_list(source):
+            listed.setdefault(row.uri, row.extra)
+        extra_of = listed.get
+    else:
+        prefix = source.rstrip("/") + "/"
+
+        def extra_of(uri: str) -> dict[str, Any] | None:
+            rel = uri[len(prefix) :] if uri.startswith(prefix) else storage.relative_to(uri, source)
+            raw = posixpath.basename(posixpath.dirname(rel.replace("\\", "/")))
+            return None if raw == normalize_label(raw) else {"label_raw": raw}
+
+    out = []
+    for row in rows:
+        extra = extra_of(row.uri)
+        if extra and row.reason != DUPLICATE_URI:
+            # The decision's own columns win over an input column of the same name.
+            row = replace(row, extra={**extra, **row.extra})
+        out.append(row)
+    return out
 
 
 def write_outputs(
@@ -521,27 +605,36 @@ def write_outputs(
     cache_stats: dict[str, Any],
     paths: JobPaths,
     config: DedupConfig,
+    *,
+    copied: int = 0,
 ) -> dict[str, Any]:
-    """Write every output file of the job to ``paths.output``; returns the summary."""
+    """Write every output file of the job to ``paths.output``; returns the summary.
+
+    Args:
+        copied: files copied under ``paths.materialize`` (counted as they were copied).
+    """
     out = paths.output
+    rows = with_input_columns(result.rows, paths.input)
     summary = dict(result.summary)
     summary["input_uri"] = paths.input
     summary["hash_cache"] = cache_stats
+    # Labels are compared in Unicode NFC; this many rows were listed in another spelling.
+    summary["labels_normalized"] = sum(1 for r in rows if "label_raw" in r.extra)
     if paths.materialize:
-        summary["materialized"] = {"prefix": paths.materialize, "copied": summary["kept"]}
-    write_manifest(storage.join(out, MANIFEST_NAME), result.rows, manifest_header(config))
+        summary["materialized"] = {"prefix": paths.materialize, "copied": copied}
+    write_manifest(storage.join(out, MANIFEST_NAME), rows, manifest_header(config))
     storage.write_text(storage.join(out, CLUSTERS_NAME), _jsonl(result.clusters))
     storage.write_text(
         storage.join(out, CANDIDATES_NAME), _jsonl(map(_candidate_json, result.candidate_pairs))
     )
     storage.write_text(
         storage.join(out, REJECTED_NAME),
-        _jsonl(_rejected_json(r) for r in result.rows if r.status == "rejected"),
+        _jsonl(_rejected_json(r) for r in rows if r.status == "rejected"),
     )
     storage.write_text(
         storage.join(out, SUMMARY_NAME), json.dumps(summary, ensure_ascii=False, indent=2) + "\n"
     )
-    html = render_report(result.clusters, summary, thumbnails.get, rows=result.rows)
+    html = render_report(result.clusters, summary, thumbnails.get, rows=rows)
     storage.write_text(storage.join(out, REPORT_NAME), html)
     return summary
 
@@ -556,7 +649,7 @@ def _init_worker(config: DedupConfig, cache: HashCache) -> None:
     _WORKER_STATE.update(config=config, recipe=config.recipe(), cache=cache)
 
 
-def _fingerprint_in_worker(item: tuple[str, str]) -> ImageRecord | Rejected:
+def _fingerprint_in_worker(item: Item) -> ImageRecord | Rejected:
     state = _WORKER_STATE
     return fingerprint(item, state["config"], state["recipe"], state["cache"])
 
@@ -625,17 +718,19 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
         clock.lap(f"pair search + describe {len(uris)} candidate images")
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
-        result = decide(described, rejected, identical_file_pairs(records) + near, config)
+        pairs = identical_file_pairs(records) + near
+        result = decide(described, rejected, pairs, config, listed=len(items))
         clock.lap("decide")
         thumbs = dict(
             pool.starmap(
                 thumbnail,
-                [(uri, paths.thumbnail_size, config.max_pixels) for uri in cluster_uris(result)],
+                [(uri, paths.thumbnail_size, config) for uri in cluster_uris(result)],
             )
         )
-        pool.map(copy_file, plan_copies(result, paths))
+        copied = len(pool.map(copy_file, plan_copies(result, paths)))
         clock.lap("thumbnails + copies")
     new = cache_of(records, descriptors, recipe.key())
-    summary = write_outputs(result, thumbs, update_cache(new, paths.cache), paths, config)
+    stats = update_cache(new, paths.cache)
+    summary = write_outputs(result, thumbs, stats, paths, config, copied=copied)
     clock.lap("cache + outputs")
     return summary

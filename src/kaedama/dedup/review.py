@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -116,15 +117,60 @@ def _summary_html(summary: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+# A figure for identical files lists this many of their URIs; the manifest has them all.
+_LISTED_COPIES = 10
+
+
+def representatives(cluster: Mapping[str, Any]) -> dict[str, str]:
+    """``sha256 -> first URI`` of each content in a cluster: the one whose thumbnail is shown."""
+    reps: dict[str, str] = {}
+    for member in cluster["members"]:
+        sha, uri = member.get("sha256", "") or member["uri"], member["uri"]
+        if sha not in reps or uri < reps[sha]:
+            reps[sha] = uri
+    return reps
+
+
+def _member_groups(cluster: Mapping[str, Any]) -> list[list[Mapping[str, Any]]]:
+    """Members grouped by (content, label, decision): one figure per group, in page order.
+
+    Thousands of identical files with the same fate become one figure with a count, so
+    the page grows with the number of distinct images, not of copies.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for m in cluster["members"]:
+        key = (m.get("sha256", "") or m["uri"], m.get("label", ""), m.get("decision", ""))
+        groups[key + (m.get("reason", ""),)].append(m)
+    ordered = [sorted(g, key=lambda m: m["uri"]) for g in groups.values()]
+    return sorted(
+        ordered,
+        key=lambda g: (g[0].get("decision") != "kept", g[0].get("label", ""), g[0]["uri"]),
+    )
+
+
+def _copies_html(group: Sequence[Mapping[str, Any]]) -> str:
+    if len(group) < 2:
+        return ""
+    listed = "".join(f"<li class='uri'>{_e(m['uri'])}</li>" for m in group[1:_LISTED_COPIES])
+    more = len(group) - max(1, min(len(group), _LISTED_COPIES))
+    tail = f"<li>… and {more} more (see manifest.jsonl)</li>" if more else ""
+    return (
+        f"<details class='copies'><summary>{len(group)} identical files</summary>"
+        f"<ul>{listed}{tail}</ul></details>"
+    )
+
+
 def _member_html(
-    member: Mapping[str, Any],
+    group: Sequence[Mapping[str, Any]],
     thumbnail: Callable[[str], str | None],
+    shown: str,
     distance: int | None,
     nearest: int | None,
 ) -> str:
+    member = group[0]
     uri = member["uri"]
     status = member.get("decision", "")
-    src = thumbnail(uri)
+    src = thumbnail(shown)
     no_preview = "<div class='noimg'>no preview</div>"
     img = f"<img src='{_e(src)}' alt='{_e(uri)}'>" if src else no_preview
     decision = _e(status)
@@ -144,9 +190,10 @@ def _member_html(
         lines.append(
             f"<div>duplicate of <span class='uri'>{_e(member['duplicate_of'])}</span>{dist}</div>"
         )
+    count = f" data-count='{len(group)}'" if len(group) > 1 else ""
     return (
-        f"<figure class='member {_e(status)}' data-uri='{_e(uri)}'>{img}"
-        f"<figcaption>{''.join(lines)}</figcaption></figure>"
+        f"<figure class='member {_e(status)}' data-uri='{_e(uri)}'{count}>{img}"
+        f"<figcaption>{''.join(lines)}{_copies_html(group)}</figcaption></figure>"
     )
 
 
@@ -197,18 +244,17 @@ def _cluster_html(cluster: Mapping[str, Any], thumbnail: Callable[[str], str | N
     badges = f"<span class='badge decision'>{_e(cluster.get('decision', ''))}</span>"
     if conflict:
         badges = "<span class='badge conflict'>label conflict</span>" + badges
-    members = sorted(
-        cluster["members"],
-        key=lambda m: (m.get("decision") != "kept", m.get("label", ""), m["uri"]),
-    )
+    members = cluster["members"]
+    reps = representatives(cluster)
     figures = "".join(
         _member_html(
-            m,
+            g,
             thumbnail,
-            between(m["uri"], m.get("duplicate_of", "")),
-            nearest.get(m["uri"]),
+            reps[g[0].get("sha256", "") or g[0]["uri"]],
+            between(g[0]["uri"], g[0].get("duplicate_of", "")),
+            nearest.get(g[0]["uri"]),
         )
-        for m in members
+        for g in _member_groups(cluster)
     )
     cls = "cluster conflict" if conflict else "cluster"
     return (
