@@ -578,7 +578,9 @@ def run_job(
     # DoFns live in this importable module; nothing from __main__ needs pickling.
     options.view_as(SetupOptions).save_main_session = False
     standard = options.view_as(StandardOptions)
-    if not standard.runner:
+    # A bounded job: the DirectRunner would pick this same batch engine, after trying
+    # (and, offline, failing to download) Prism.
+    if not standard.runner or standard.runner == "DirectRunner":
         standard.runner = DEFAULT_RUNNER
     use_emulator_if_configured()
     pipeline = beam.Pipeline(options=options)

@@ -110,12 +110,13 @@ def small_digits(tmp_path_factory) -> tuple[Path, GroundTruth]:
 
 @pytest.fixture(scope="module")
 def dirty_run(dirty_digits_folder, tmp_path_factory) -> tuple[Path, GroundTruth, Path, str]:
-    """``kaedama dedup`` (the Beam job) on the dirty folder: root, truth, output, stdout."""
+    """``kaedama dedup --runner DirectRunner`` (the Beam job) on the dirty folder: root,
+    truth, output, stdout."""
     root, truth = dirty_digits_folder
     out = tmp_path_factory.mktemp("dirty-run") / "out"
     capture = io.StringIO()
     with contextlib.redirect_stdout(capture):
-        assert cli.main(["dedup", str(root), "--out", str(out)]) == 0
+        assert cli.main(["dedup", str(root), "--out", str(out), "--runner", "DirectRunner"]) == 0
     return root, truth, out, capture.getvalue()
 
 
@@ -138,7 +139,8 @@ def test_cli_on_the_dirty_folder_meets_the_ground_truth(dirty_run):
 def test_in_process_engine_writes_exactly_what_the_beam_job_writes(dirty_run, tmp_path):
     root, _, beam_out, _ = dirty_run
     out = tmp_path / "in-process"
-    assert cli.main(["dedup", str(root), "--out", str(out), "--in-process", "--workers", "2"]) == 0
+    # No runner and local paths: the in-process engine is the default.
+    assert cli.main(["dedup", str(root), "--out", str(out), "--workers", "2"]) == 0
     for name in ("manifest.jsonl", "clusters.jsonl", "candidates.jsonl", "rejected.jsonl"):
         assert (out / name).read_bytes() == (beam_out / name).read_bytes(), name
     ours, theirs = _summary(str(out)), _summary(str(beam_out))
@@ -288,7 +290,7 @@ def test_in_process_engine_never_imports_apache_beam(small_digits, tmp_path):
     code = (
         "import sys\n"
         "from kaedama import cli\n"
-        f"rc = cli.main(['dedup', {str(root)!r}, '--out', {str(out)!r}, '--in-process'])\n"
+        f"rc = cli.main(['dedup', {str(root)!r}, '--out', {str(out)!r}])\n"
         "assert rc == 0, rc\n"
         "loaded = {m.split('.')[0] for m in sys.modules} & {'apache_beam', 'beam'}\n"
         "print('LOADED=' + ','.join(sorted(loaded)))\n"

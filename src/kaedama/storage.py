@@ -29,6 +29,7 @@ import logging
 import mimetypes
 import os
 import random
+import re
 import shutil
 import stat as stat_module
 import tempfile
@@ -62,6 +63,7 @@ __all__ = [
     "read_bytes",
     "read_text",
     "relative_to",
+    "safe_relative",
     "size",
     "split_gcs",
     "stat",
@@ -192,6 +194,28 @@ def join(base: str, *parts: str) -> str:
         else:
             out = out + "/" + part
     return out
+
+
+def safe_relative(rel: str) -> str:
+    """A relative path that cannot leave the folder it is joined to, on any file system.
+
+    For names that come from data (labels, object names): ``/`` and ``\\`` both split
+    segments; empty and ``.`` segments are dropped; ``..`` and ``:`` (drive letters,
+    NTFS streams) are percent-encoded, so ``../../etc`` becomes ``%2E%2E/%2E%2E/etc``
+    and ``C:\\x`` becomes ``C%3A/x``: still readable, never a step outside.
+
+    Raises:
+        StorageError: nothing is left of ``rel``.
+    """
+    parts = []
+    for seg in re.split(r"[\\/]+", rel):
+        if seg in ("", "."):
+            continue
+        seg = "%2E%2E" if seg == ".." else seg.replace(":", "%3A")
+        parts.append(seg)
+    if not parts:
+        raise StorageError(f"{rel!r} names no file")
+    return "/".join(parts)
 
 
 def parent(uri: str) -> str:

@@ -1,9 +1,15 @@
-"""``kaedama dedup SRC --out DST``: the Beam dedup job, from the kaedama command line.
+"""``kaedama dedup SRC --out DST``: the dedup job, from the kaedama command line.
 
 SRC is an ImageFolder root (label = parent folder) or a CSV/JSONL list of
-``uri,label``; SRC and DST may be local or ``gs://``. The job (``beam/dedup.py``)
-runs on the DirectRunner in this process by default; ``--runner`` and
-``--beam-args`` hand any standard Beam options to other runners. DST receives
+``uri,label``; SRC and DST may be local or ``gs://``. Which engine runs:
+
+* no ``--runner`` and local paths: the in-process engine (the job's own step
+  functions in a pool of processes, no Beam: the fastest on one machine);
+* no ``--runner`` and a ``gs://`` path: the Beam job on the DirectRunner, in this process;
+* ``--runner NAME`` (or any Beam option): the Beam job (``beam/dedup.py``) on that
+  runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, DaskRunner, ...).
+
+Both engines write byte-identical outputs. DST receives
 ``manifest.jsonl``, ``clusters.jsonl``, ``candidates.jsonl``, ``rejected.jsonl``,
 ``summary.json``, ``report.html`` and ``cache/``; the summary table is printed.
 """
@@ -56,21 +62,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="run the same steps without Beam, in this process with a pool of worker "
-        "processes (local paths only; identical outputs; faster on one machine)",
+        help="insist on the in-process engine (the default for local paths without "
+        "--runner): the same steps without Beam, in a pool of worker processes",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=0,
         metavar="N",
-        help="--in-process: worker processes for hashing (default: one per core)",
+        help="in-process engine: worker processes for hashing (default: one per core)",
     )
     beam = parser.add_argument_group("Beam runner")
     beam.add_argument(
         "--runner",
-        help="Beam runner: DataflowRunner, FlinkRunner, SparkRunner, DirectRunner, ... "
-        "(default: the DirectRunner's batch engine, in this process)",
+        help="run the Beam job on this runner: DirectRunner, DataflowRunner, FlinkRunner, "
+        "SparkRunner, apache_beam.runners.dask.dask_runner.DaskRunner, ... (default: the "
+        "in-process engine for local paths, the DirectRunner for gs:// paths)",
     )
     beam.add_argument(
         "--direct-num-workers",
@@ -125,8 +132,22 @@ def _run_beam_job(paths, config: DedupConfig, beam_options: list[str], *, verbos
     return run_job(paths, config, beam_options)
 
 
+def choose_engine(paths, beam_options: list[str], in_process: bool) -> str:
+    """``"local"`` (the in-process engine) or ``"beam"``; see the module docstring."""
+    from kaedama.dedup.job import is_local
+
+    if in_process:
+        if beam_options:
+            raise KaedamaError("--in-process runs without Beam; drop the Beam runner options")
+        return "local"
+    if beam_options:
+        return "beam"
+    local = all(is_local(u) for u in (paths.input, paths.output, paths.cache, paths.materialize))
+    return "local" if local else "beam"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the dedup job (the Beam job, or the same steps --in-process); print the summary."""
+    """Run the dedup job on the engine :func:`choose_engine` picks; print the summary."""
     config = config_from_args(DedupConfig, args)
     from kaedama.dedup.job import JobPaths, default_cache_uri, run_in_process
     from kaedama.dedup.review import format_summary
@@ -139,9 +160,7 @@ def run(args: argparse.Namespace) -> int:
         thumbnail_size=args.thumbnail_size,
     )
     beam_options = pipeline_args(args)
-    if args.in_process:
-        if beam_options:
-            raise KaedamaError("--in-process runs without Beam; drop the Beam runner options")
+    if choose_engine(paths, beam_options, args.in_process) == "local":
         summary = run_in_process(paths, config, workers=args.workers)
     else:
         summary = _run_beam_job(

@@ -527,11 +527,16 @@ def plan_copies(result: DedupResult, paths: JobPaths) -> list[tuple[str, str]]:
             rel = storage.relative_to(row.uri, paths.input)
         else:
             rel = posixpath.join(row.label, posixpath.basename(row.uri.rstrip("/")))
+        # Labels and object names are data: "../../etc", "C:\\x" or "a/../../b" must not
+        # steer a copy out of the prefix.
+        rel = storage.safe_relative(rel)
         if rel in taken:
             head, tail = posixpath.split(rel)
             rel = posixpath.join(head, f"{row.sha256[:12]}-{tail}")
         taken.add(rel)
         target = storage.join(paths.materialize, rel)
+        if not _inside(target, paths.materialize):
+            raise DedupJobError(f"--materialize target {target} would leave the prefix")
         if target in sources:
             raise DedupJobError(
                 f"--materialize would overwrite the input file {target}; choose a prefix "

@@ -198,7 +198,10 @@ def _member_html(
 
 
 def _pairs_html(cluster: Mapping[str, Any]) -> str:
-    pairs = cluster.get("pairs") or []
+    # Identical files are shown as one figure with a count; only pairs of different
+    # contents are listed (n copies would otherwise add n rows).
+    sha = {m["uri"]: m.get("sha256") or m["uri"] for m in cluster["members"]}
+    pairs = [p for p in cluster.get("pairs") or [] if sha.get(p["a"]) != sha.get(p["b"])]
     groups = cluster.get("exact_groups") or []
     parts = []
     if groups:
