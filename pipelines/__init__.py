@@ -1,4 +1,6 @@
-"""Kubeflow pipeline definitions wiring the components (dedup -> split -> train -> evaluate).
+"""Kubeflow pipeline definitions wiring the components.
 
-They arrive with the pipeline issue; ``kaedama pipeline`` says so until then.
+``pipelines.kaedama_pipeline.build_pipeline(image)``: dedup -> split -> train ->
+evaluate -> export -> champion/challenger gate -> deploy. ``kaedama pipeline``
+compiles, submits or runs it locally.
 """
