@@ -9,7 +9,7 @@ in a runner's UI)::
                     workers
     ReadAndHash     per chunk: read, sha256, decode (reduced-size JPEG decode),
                     perceptual hash, a few files at a time per worker; unreadable files
-                    and non-images go to the tagged 'rejected' output
+                    and non-images go to the 'rejected' output
     ExactGroups     group identical bytes (sha256 shards): every identical pair, distance 0
     NearCandidates  each distinct file under its t + 1 hash-block keys -> GroupByKey on
                     (block, shard) -> exact Hamming check per bucket
@@ -17,8 +17,8 @@ in a runner's UI)::
     Gather          records, rejected files, pairs and descriptors to one worker (one
                     shuffle)
     Decide          kaedama.dedup.decide over all of them
-    WriteOutputs    manifest, clusters, candidates, rejected, summary, hash cache and the
-                    HTML review page (thumbnails made in parallel); optional copies
+    WriteOutputs    hash cache, thumbnails (in parallel) and optional copies, then manifest,
+                    clusters, candidates, rejected, summary and the HTML review page
 
 Elements are chunks of files and shards of hashes rather than single files: a
 runner's cost is per element, and a few hundred files per element make it negligible
