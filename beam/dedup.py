@@ -9,7 +9,7 @@ in a runner's UI)::
                     workers
     ReadAndHash     per chunk: read, sha256, decode (reduced-size JPEG decode),
                     perceptual hash, a few files at a time per worker; unreadable files
-                    and non-images go to the tagged 'rejected' output
+                    and non-images go to the 'rejected' output
     ExactGroups     group identical bytes (sha256 shards): every identical pair, distance 0
     NearCandidates  each distinct file under its t + 1 hash-block keys -> GroupByKey on
                     (block, shard) -> exact Hamming check per bucket
@@ -17,8 +17,8 @@ in a runner's UI)::
     Gather          records, rejected files, pairs and descriptors to one worker (one
                     shuffle)
     Decide          kaedama.dedup.decide over all of them
-    WriteOutputs    manifest, clusters, candidates, rejected, summary, hash cache and the
-                    HTML review page (thumbnails made in parallel); optional copies
+    WriteOutputs    hash cache, thumbnails (in parallel) and optional copies, then manifest,
+                    clusters, candidates, rejected, summary and the HTML review page
 
 Elements are chunks of files and shards of hashes rather than single files: a
 runner's cost is per element, and a few hundred files per element make it negligible
@@ -37,6 +37,7 @@ byte-identical to this job's (tested), it only skips the runner's overheads.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -47,7 +48,6 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
-from apache_beam.pvalue import AsSingleton, TaggedOutput
 from apache_beam.utils import shared
 
 from beam.gcs import use_emulator_if_configured
@@ -96,7 +96,7 @@ if __name__ == "__main__":
 
 log = logging.getLogger(__name__)
 
-# Tag of ReadAndHash's output for files that are not readable images.
+# Name of ReadAndHash's output for files that are not readable images.
 REJECTED = "rejected"
 # With no --runner, run the DirectRunner's batch engine directly. Beam 2.77's
 # DirectRunner first tries the Prism runner, which downloads a binary from GitHub on
@@ -175,12 +175,12 @@ class _PooledDoFn(beam.DoFn):
 
 
 class HashChunk(_PooledDoFn):
-    """Read and fingerprint a chunk of files; unreadable files and non-images are tagged out.
+    """Read and fingerprint a chunk of files: one ``(records, rejected)`` pair per chunk.
 
-    Main output: one list of records per chunk, as plain tuples
-    (:func:`kaedama.dedup.job.record_to_tuple`: cheap for the runner to move). Tagged
-    output ``rejected``: :class:`kaedama.dedup.Rejected` with the decoder's reason (or
-    ``unreadable``).
+    ``records`` are plain tuples (:func:`kaedama.dedup.job.record_to_tuple`: cheap for
+    the runner to move), ``rejected`` :class:`kaedama.dedup.Rejected` with the decoder's
+    reason (or ``unreadable``). One output rather than a tagged second one: Beam 2.77's
+    DaskRunner hands every output of a multi-output ParDo to every consumer.
     """
 
     def __init__(self, config: DedupConfig, cache: SharedHashCache | None = None) -> None:
@@ -188,22 +188,29 @@ class HashChunk(_PooledDoFn):
         self._files = Metrics.counter("dedup", "files")
         self._rejected = Metrics.counter("dedup", "rejected")
 
-    def process(self, chunk: list[tuple[str, str]]) -> Iterator[Any]:
+    def process(self, chunk: list[tuple[str, str]]) -> Iterator[HashedChunk]:
         self._files.inc(len(chunk))
         outs = fingerprint_chunk(chunk, self.config, self._recipe, self._cache, self._pool)
-        records = []
-        for out in outs:
-            if isinstance(out, Rejected):
-                self._rejected.inc()
-                yield TaggedOutput(REJECTED, out)
-            else:
-                records.append(out)
-        if records:
-            yield [record_to_tuple(r) for r in records]
+        records = [record_to_tuple(o) for o in outs if not isinstance(o, Rejected)]
+        rejected = [o for o in outs if isinstance(o, Rejected)]
+        self._rejected.inc(len(rejected))
+        yield records, rejected
+
+
+# A hashed chunk: (record tuples, rejected files).
+HashedChunk = tuple[list[Any], list[Rejected]]
+
+
+def _chunk_records(hashed: HashedChunk) -> list[list[Any]]:
+    return [hashed[0]] if hashed[0] else []
+
+
+def _chunk_rejected(hashed: HashedChunk) -> list[Rejected]:
+    return hashed[1]
 
 
 class ReadAndHash(beam.PTransform):
-    """Chunks of ``(uri, label)`` -> record lists (main) and ``rejected`` (tagged) outputs."""
+    """Chunks of ``(uri, label)`` -> ``{"records": record lists, "rejected": Rejected}``."""
 
     def __init__(self, config: DedupConfig, cache: str | SharedHashCache = "") -> None:
         super().__init__()
@@ -211,9 +218,11 @@ class ReadAndHash(beam.PTransform):
         self.cache = _cache_handle(cache)
 
     def expand(self, inputs):
-        return inputs | "Hash" >> beam.ParDo(HashChunk(self.config, self.cache)).with_outputs(
-            REJECTED, main="records"
-        )
+        hashed = inputs | "Hash" >> beam.ParDo(HashChunk(self.config, self.cache))
+        return {
+            "records": hashed | "Records" >> beam.FlatMap(_chunk_records),
+            REJECTED: hashed | "Rejected" >> beam.FlatMap(_chunk_rejected),
+        }
 
 
 # --------------------------------------------------------------------------- ExactGroups
@@ -401,15 +410,12 @@ def _save_cache(gathered: dict[str, list], cache_uri: str, recipe_key: str) -> d
     return update_cache(new, cache_uri)
 
 
-def _write(
-    result: DedupResult,
-    thumbnails: dict[str, list],
-    cache_stats: dict[str, Any],
-    copied: int,
-    paths: JobPaths,
-    config: DedupConfig,
-) -> dict[str, Any]:
-    thumbs = dict(thumbnails["thumbnails"])
+def _write(gathered: dict[str, list], paths: JobPaths, config: DedupConfig) -> dict[str, Any]:
+    (result,) = gathered["result"]
+    (cache_stats,) = gathered["cache"]
+    copied = len(gathered["copied"])  # counted as copied, apart from the plan
+    log.info("copied %d kept images", copied)
+    thumbs = dict(gathered["thumbnails"])
     return write_outputs(result, thumbs, cache_stats, paths, config, copied=copied)
 
 
@@ -426,10 +432,14 @@ class _ThumbnailShard(_PooledDoFn):
 
 
 class WriteOutputs(beam.PTransform):
-    """Thumbnails (parallel), hash cache, then every output file; optional copies.
+    """Thumbnails (parallel), hash cache and optional copies, then every output file.
 
     Takes ``{"result": <DedupResult>, "gathered": <Gather output with "records">}``;
-    returns the summary.
+    returns the summary. The final ``Write`` takes everything else as one gathered
+    element, not as side inputs, so it runs last: a ``summary.json`` on disk means the
+    job is done, copies included. That also keeps the job to one sink, which runners
+    that compute only what the last step needs (Beam 2.77's DaskRunner) rely on, and
+    away from side inputs, which that runner recomputes inside a task.
     """
 
     def __init__(self, paths: JobPaths, config: DedupConfig) -> None:
@@ -449,23 +459,19 @@ class WriteOutputs(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "Thumbnails" >> beam.ParDo(_ThumbnailShard(self.paths.thumbnail_size, self.config))
         )
-        thumbs = {"thumbnails": thumbs} | "GatherThumbnails" >> Gather()
-        # Files copied, counted as copied (and the summary is written after the copies).
         copied = (
             result
             | "PlanCopies" >> beam.FlatMap(plan_copies, self.paths)
             | "SpreadCopies" >> beam.Reshuffle()
             | "CopyKept" >> beam.Map(copy_file)
-            | "CountCopied" >> beam.combiners.Count.Globally()
         )
-        return result | "Write" >> beam.Map(
-            _write,
-            AsSingleton(thumbs),
-            AsSingleton(cache_stats),
-            AsSingleton(copied),
-            self.paths,
-            self.config,
-        )
+        final = {
+            "result": result,
+            "thumbnails": thumbs,
+            "cache": cache_stats,
+            "copied": copied,
+        } | "GatherOutputs" >> Gather()
+        return final | "Write" >> beam.Map(_write, self.paths, self.config)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -484,7 +490,7 @@ class Dedup(beam.PTransform):
         inputs = pbegin | "ListInputs" >> ListInputs(self.paths.input)
         cache = SharedHashCache(self.paths.cache)
         hashed = inputs | "ReadAndHash" >> ReadAndHash(config, cache)
-        records, rejected = hashed.records, hashed[REJECTED]
+        records, rejected = hashed["records"], hashed[REJECTED]
         groups = records | "ExactGroups" >> ExactGroups()
         identical = groups | "IdenticalPairs" >> beam.FlatMap(_identical_pairs)
         near = groups | "NearCandidates" >> NearCandidates(
@@ -587,12 +593,30 @@ def run_job(
     build_pipeline(pipeline, paths, config)
     result = pipeline.run()
     result.wait_until_finish()
+    client = getattr(result, "client", None)
+    if client is not None:
+        # The DaskRunner leaves its dask.distributed client connected (and, without
+        # --dask_client_address, its own LocalCluster running): release them.
+        client.close()
     return json.loads(storage.read_text(storage.join(paths.output, SUMMARY_NAME)))
+
+
+def _import_runner_module(options: PipelineOptions) -> None:
+    """Import the module of a runner named by its path, so that its own options parse.
+
+    The DaskRunner (``--runner apache_beam.runners.dask.dask_runner.DaskRunner``)
+    defines ``--dask_client_address`` and friends in its module; until it is imported,
+    Beam reports them as unparseable (and drops them from ``get_all_options``).
+    """
+    runner = options.view_as(StandardOptions).runner or ""
+    if "." in runner:
+        importlib.import_module(runner.rsplit(".", 1)[0])
 
 
 def parse_args(argv: Sequence[str]) -> tuple[JobPaths, DedupConfig, list[str]]:
     """Split ``argv`` into the job's paths, its DedupConfig and the remaining Beam options."""
     options = PipelineOptions(list(argv))
+    _import_runner_module(options)
     dedup_options = options.view_as(DedupOptions)
     try:
         config = config_from_options(dedup_options)

@@ -129,7 +129,7 @@ def test_read_and_hash_tags_every_bad_file_with_the_decoder_reason(small_folder)
     with _pipeline() as p:
         out = p | beam.Create([items[:6], items[6:]]) | job.ReadAndHash(config)
         assert_that(
-            out.records
+            out["records"]
             | "Files" >> beam.FlatMap(lambda chunk: chunk)
             | "RecordUris" >> beam.Map(lambda t: dedup_job.record_from_tuple(t))
             | "UriLabel" >> beam.Map(lambda r: (r.uri, r.label)),
@@ -162,7 +162,7 @@ def test_read_and_hash_uses_the_cache_instead_of_decoding(tmp_path, small_folder
     with _pipeline() as p:
         out = p | beam.Create([[(str(path), "猫", "")]]) | job.ReadAndHash(config, cache_uri)
         assert_that(
-            out.records
+            out["records"]
             | beam.FlatMap(lambda chunk: chunk)
             | beam.Map(dedup_job.record_from_tuple)
             | beam.Map(lambda r: (r.hash, r.width, r.height, r.sha256)),
