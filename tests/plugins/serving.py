@@ -3,7 +3,8 @@
 * ``serving_checkpoint`` (session): a random-init timm resnet18 with three classes
   (one unicode label) at 64 px, saved as a kaedama ``best.pt``.
 * ``serving_model`` (session): that checkpoint exported to ONNX with CAM output.
-* ``serving_images`` (session): a few generated JPEG/PNG photos of varied sizes.
+* ``serving_images`` (session): a few generated JPEG/PNG photos of varied sizes;
+  ``serving_expected`` their probabilities from torch in-process.
 * ``start_server(model_dir, **config_fields)``: a context manager running
   ``python -m kaedama serve`` on a free loopback port; yields a :class:`ServerProcess`
   once it is ready (or at once with ``wait_ready=False``) and stops it after.
@@ -100,6 +101,28 @@ def serving_images() -> list[bytes]:
     """Six photos: JPEG and PNG, landscape, portrait and small."""
     shapes = [(160, 120), (90, 200), (64, 64), (300, 180), (75, 100), (128, 96)]
     return [photo(w, h, i, "PNG" if i % 3 == 2 else "JPEG") for i, (w, h) in enumerate(shapes)]
+
+
+@pytest.fixture(scope="session")
+def serving_expected(serving_checkpoint: Path, serving_images: list[bytes]) -> np.ndarray:
+    """All-class probabilities of ``serving_images`` from torch in this process.
+
+    Preprocessed by the checkpoint's own :class:`~kaedama.preprocess.Preprocess`, the
+    object the service uses, so training-side and serving-side inference must agree.
+    """
+    import torch
+
+    from kaedama.preprocess import Preprocess
+    from kaedama.train.model import load_trained
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trained = load_trained(str(serving_checkpoint))
+    pre = Preprocess.from_data_config(trained.data_config)
+    with torch.inference_mode():
+        logits = trained.model(torch.from_numpy(pre.batch(serving_images)))
+    torch.set_num_threads(before)
+    return torch.softmax(logits.double(), dim=1).numpy()
 
 
 @dataclass

@@ -234,6 +234,7 @@ class Service:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, f"the body has {declared} bytes; the limit is {limit}", "too_big")
         chunks, size = [], 0
+        request.state.body_read = True
 
         async def read() -> None:
             nonlocal size
@@ -255,6 +256,8 @@ class Service:
         return b"".join(chunks)
 
     async def _drain_small_body(self, request: Request) -> None:
+        if getattr(request.state, "body_read", False):
+            return
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) <= DRAIN_BODY_BYTES:
             with contextlib.suppress(ClientDisconnect, asyncio.TimeoutError):
