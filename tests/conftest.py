@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATASETS = SHARED / "datasets"
 
-pytest_plugins = ["tests.plugins.gcs", "tests.plugins.data"]
+pytest_plugins = ["tests.plugins.gcs", "tests.plugins.data", "tests.plugins.serving"]
 
 
 @pytest.fixture(scope="session")
