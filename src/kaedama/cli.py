@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "export": "Export a trained model for serving (TorchScript/ONNX with its data config).",
     "serve": "Run the prediction HTTP service (KServe-style load/preprocess/predict).",
     "predict": "Call a prediction service with retry, backoff and jitter; print all class probabilities.",
+    "predict-batch": "Predict every image of a folder, bucket or manifest with an exported model (Beam).",
     "pipeline": "Compile or submit the Kubeflow pipeline (dedup -> split -> train -> evaluate -> deploy).",
     "fixtures": "Generate a labeled image folder from real handwritten digits, with planted dirt.",
 }
@@ -32,11 +33,16 @@ STAGES: dict[str, str] = {
 NOT_BUILT_EXIT = 3
 
 
+def module_name(stage: str) -> str:
+    """The module under ``kaedama.commands`` of a stage (``predict-batch`` -> ``predict_batch``)."""
+    return stage.replace("-", "_")
+
+
 def _load(stage: str):
     try:
-        return importlib.import_module(f"kaedama.commands.{stage}")
+        return importlib.import_module(f"kaedama.commands.{module_name(stage)}")
     except ModuleNotFoundError as exc:
-        if exc.name == f"kaedama.commands.{stage}":
+        if exc.name == f"kaedama.commands.{module_name(stage)}":
             return None
         raise
 

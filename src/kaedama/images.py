@@ -33,6 +33,9 @@ REASONS = ("empty", "truncated", "not_an_image", "too_large", "unsupported_mode"
 """Every value that :attr:`ImageError.reason` can take."""
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# Files larger than this are refused before they are read (storage.read_bytes(max_bytes=)):
+# 256 MiB is far above any photo (a 100 MP JPEG is ~40 MB), far below a worker's memory.
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 # Formats we hand to PIL. An allow-list rather than "whatever PIL can open": it
 # keeps exotic parsers (and EPS, whose loader runs Ghostscript) away from

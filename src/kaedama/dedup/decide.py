@@ -87,10 +87,6 @@ DEFAULT_CONFIRM_THRESHOLD = 0.80
 REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
 
 
-# 256 MiB: far above any photo (a 100 MP JPEG is ~40 MB), far below a worker's memory.
-DEFAULT_MAX_BYTES = 256 * 2**20
-
-
 class DedupError(KaedamaError):
     """The dedup inputs are inconsistent (e.g. a URI listed twice)."""
 
@@ -152,7 +148,7 @@ class DedupConfig:
         metadata={"help": "reject images with more pixels than this (decompression bombs)"},
     )
     max_bytes: int = field(
-        default=DEFAULT_MAX_BYTES,
+        default=images.DEFAULT_MAX_BYTES,
         metadata={
             "help": "reject files larger than this many bytes before reading them "
             "(a stray video never lands in a worker's memory); reason too_large"

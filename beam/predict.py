@@ -1,0 +1,274 @@
+"""Batch prediction as a Beam job: read -> preprocess -> RunInference -> postprocess -> save.
+
+::
+
+    python -m beam.predict --input gs://b/photos/ --model gs://b/models/v3 \\
+        --output gs://b/preds/v3 --runner DataflowRunner --project P --region R \\
+        --temp_location gs://b/tmp --sdk_container_image REGISTRY/kaedama-beam:TAG
+
+Steps (named as in a runner's UI)::
+
+    List        the input's image URIs (folder/prefix, manifest or list), in chunks
+    Load        read + decode + the model's own preprocessing; bad files -> rejected
+    Infer       Beam's RunInference with a model handler for kaedama's exported model
+                (batched up to --max_batch_size, one model per worker process)
+    Format      all class probabilities per image, most likely first
+    WriteShards one JSONL file per (kind, shard), sorted by URI
+    Summarise   counts, checked: predicted + rejected = listed
+
+The step functions are :mod:`kaedama.serve.batch`'s, shared with the in-process
+engine (``kaedama predict-batch`` without ``--runner``). Every step has one output
+and the last step gathers what it needs (the shape Beam's DaskRunner requires; see
+``beam/README.md``).
+
+Why a model handler of ours rather than Beam's ``OnnxModelHandlerNumpy``: the exported
+model is a folder (model, classes, data config, temperature) whose sha256s are checked
+on load, and its probabilities need the exported temperature; the handler loads it with
+:func:`kaedama.serve.artifact.load_artifact` and runs the same ONNX Runtime session as
+the prediction service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+)
+
+from beam.dedup import DEFAULT_RUNNER, Gather, _import_runner_module
+from beam.gcs import use_emulator_if_configured
+from kaedama import storage
+from kaedama.config import ConfigError, add_config_arguments, build_config
+from kaedama.errors import KaedamaError
+from kaedama.serve.batch import (
+    KINDS,
+    SUMMARY_NAME,
+    BatchPredictConfig,
+    BatchPredictError,
+    Predictor,
+    chunks,
+    list_sources,
+    load_example,
+    prediction_record,
+    rejected_record,
+    shard_of,
+    write_shard,
+    write_summary,
+)
+
+log = logging.getLogger(__name__)
+# Files per listed element: a runner's cost is per element.
+CHUNK = 256
+
+
+class ArtifactModelHandler(ModelHandler):
+    """RunInference handler for a ``kaedama export`` folder: arrays in, probabilities out."""
+
+    def __init__(self, model_dir: str, config: BatchPredictConfig) -> None:
+        super().__init__(max_batch_size=config.max_batch_size)
+        self.model_dir = model_dir
+        self.config = config
+
+    def load_model(self) -> Predictor:
+        return Predictor(self.model_dir, self.config.threads)
+
+    def run_inference(self, batch, model: Predictor, inference_args=None) -> Iterable[Any]:
+        return list(model(batch))
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"max_batch_size": self.config.max_batch_size}
+
+
+class _Load(beam.DoFn):
+    """URIs -> ``("ok", (uri, array))`` or ``("bad", record)``; one output (see module doc)."""
+
+    def __init__(self, model_dir: str, config: BatchPredictConfig) -> None:
+        self.model_dir = model_dir
+        self.config = config
+
+    def setup(self) -> None:
+        from kaedama.serve.artifact import load_artifact
+
+        # The preprocessing only: the model itself is RunInference's to load.
+        self._preprocess = load_artifact(self.model_dir).preprocess
+
+    def process(self, chunk: list[str]):
+        for uri in chunk:
+            loaded = load_example(uri, self._preprocess, self.config.max_bytes)
+            if len(loaded) == 2:
+                yield "ok", loaded
+            else:
+                yield "bad", rejected_record(*loaded)
+
+
+def _keyed(record: dict[str, Any], kind: str, shards: int) -> tuple[tuple[str, int], dict]:
+    return (kind, shard_of(record["uri"], shards)), record
+
+
+class _Format(beam.DoFn):
+    """``(uri, probabilities)`` -> the output record (class names from the artifact)."""
+
+    def __init__(self, model_dir: str, config: BatchPredictConfig) -> None:
+        self.model_dir = model_dir
+        self.config = config
+
+    def setup(self) -> None:
+        from kaedama.serve.artifact import load_artifact
+
+        artifact = load_artifact(self.model_dir)
+        self._classes, self._version = artifact.classes, artifact.version
+
+    def process(self, keyed: tuple[str, Any]):
+        uri, probs = keyed
+        yield prediction_record(uri, probs, self._classes, self._version, self.config.top_k)
+
+
+def _write_shard(item, out: str, shards: int) -> tuple[str, int, dict[str, int]]:
+    """Write one shard; ``(kind, records, tally by label or reason)`` for the summary."""
+    (kind, shard), records = item
+    records = list(records)
+    count = write_shard(out, kind, shard, shards, records)
+    key = "label" if kind == "predictions" else "reason"
+    return kind, count, dict(Counter(r[key] for r in records))
+
+
+def _summarise(gathered: dict[str, list], out: str, model_dir: str, config) -> dict[str, Any]:
+    from kaedama.serve.artifact import load_artifact
+
+    counts: Counter[str] = Counter()
+    by: dict[str, Counter] = {kind: Counter() for kind in KINDS}
+    for kind, count, tally in gathered["written"]:
+        counts[kind] += count
+        by[kind].update(tally)
+    # Empty shards are written too, so a reader always finds shards x kinds files.
+    present = {(k, s) for k, s in gathered["shards"]}
+    for kind in KINDS:
+        for shard in range(config.shards):
+            if (kind, shard) not in present:
+                write_shard(out, kind, shard, config.shards, [])
+    a = load_artifact(model_dir)
+    model = {"uri": a.uri, "name": a.name, "version": a.version, "classes": list(a.classes)}
+    listed = sum(gathered["listed"])
+    return write_summary(
+        out, listed, dict(counts), dict(by["predictions"]), dict(by["rejected"]), model, config
+    )
+
+
+class BatchPredict(beam.PTransform):
+    """The whole job as one composite: List -> Load -> Infer -> Format -> Write -> Summarise."""
+
+    def __init__(self, source: str, model_dir: str, out: str, config: BatchPredictConfig):
+        super().__init__()
+        self.source, self.model_dir, self.out, self.config = source, model_dir, out, config
+
+    def expand(self, pbegin):
+        config, shards = self.config, self.config.shards
+        listed = (
+            pbegin
+            | "Source" >> beam.Create([self.source])
+            | "List" >> beam.FlatMap(lambda src: chunks(list_sources(src), CHUNK))
+            | "Spread" >> beam.Reshuffle()
+        )
+        loaded = listed | "Load" >> beam.ParDo(_Load(self.model_dir, config))
+        examples = loaded | "Examples" >> beam.FlatMap(lambda t: [t[1]] if t[0] == "ok" else [])
+        rejected = loaded | "Rejected" >> beam.FlatMap(lambda t: [t[1]] if t[0] == "bad" else [])
+        handler = KeyedModelHandler(ArtifactModelHandler(self.model_dir, config))
+        predictions = (
+            examples
+            | "Infer" >> RunInference(handler)
+            | "Format" >> beam.ParDo(_Format(self.model_dir, config))
+        )
+        keyed = (
+            predictions | "KeyPredictions" >> beam.Map(_keyed, "predictions", shards),
+            rejected | "KeyRejected" >> beam.Map(_keyed, "rejected", shards),
+        ) | "AllRecords" >> beam.Flatten()
+        grouped = keyed | "ByShard" >> beam.GroupByKey()
+        written = grouped | "WriteShards" >> beam.Map(_write_shard, self.out, shards)
+        gathered = {
+            "written": written,
+            "shards": grouped | "ShardKeys" >> beam.Map(lambda item: item[0]),
+            "listed": listed | "CountListed" >> beam.Map(len),
+        } | "Gather" >> Gather()
+        return gathered | "Summarise" >> beam.Map(_summarise, self.out, self.model_dir, config)
+
+
+# --------------------------------------------------------------------------- options and run
+
+
+class PredictOptions(PipelineOptions):
+    """``--input``/``--model``/``--output`` and one option per BatchPredictConfig field."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", help="folder or gs:// prefix of images, or a manifest/list")
+        parser.add_argument("--model", help="a folder written by 'kaedama export' (local or gs://)")
+        parser.add_argument("--output", help="output folder (local or gs://)")
+        add_config_arguments(parser, BatchPredictConfig, underscore_aliases=True)
+
+
+def run_job(
+    source: str,
+    model_dir: str,
+    out: str,
+    config: BatchPredictConfig,
+    pipeline_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Build and run the job; returns ``summary.json``."""
+    options = PipelineOptions(list(pipeline_args))
+    options.view_as(SetupOptions).save_main_session = False
+    standard = options.view_as(StandardOptions)
+    if not standard.runner or standard.runner == "DirectRunner":
+        standard.runner = DEFAULT_RUNNER  # the DirectRunner's batch engine, without Prism
+    use_emulator_if_configured()
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | "BatchPredict" >> BatchPredict(source, model_dir, out, config)
+    result = pipeline.run()
+    result.wait_until_finish()
+    client = getattr(result, "client", None)
+    if client is not None:  # the DaskRunner's dask.distributed client
+        client.close()
+    return json.loads(storage.read_text(storage.join(out, SUMMARY_NAME)))
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m beam.predict``: parse the options and run the job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = PipelineOptions(argv)
+    _import_runner_module(options)
+    opts = options.view_as(PredictOptions)
+    if not (opts.input and opts.model and opts.output):
+        raise BatchPredictError("--input, --model and --output are required")
+    values = {k: v for k, v in opts.get_all_options().items() if v is not None}
+    try:
+        config = build_config(BatchPredictConfig, args=argparse.Namespace(**values))
+    except ConfigError as exc:
+        raise BatchPredictError(str(exc)) from exc
+    return run_job(opts.input, opts.model, opts.output, config, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry: run the job; a KaedamaError is printed without a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        summary = run(argv)
+    except KaedamaError as exc:
+        print(f"beam.predict: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("listed", "predicted", "rejected")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
