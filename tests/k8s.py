@@ -13,7 +13,18 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO.parent / "shared" / "schemas"
+
+
+def _find_schemas() -> Path:
+    """``shared/schemas`` next to the checkout, or next to a folder above it (a git worktree)."""
+    for folder in REPO.parents:
+        candidate = folder / "shared" / "schemas"
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "schemas"
+
+
+SCHEMAS = _find_schemas()
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
