@@ -159,6 +159,8 @@ class FakeApiServer:
                         {k: v for k, v in obj["metadata"].items() if k in ("labels", "annotations")}
                     )
                     obj = merged
+                if query.get("dryRun") == "All":
+                    return (201 if before is None else 200), obj
                 self._write(path, obj, before)
                 return (201 if before is None else 200), self.objects[path]
             if method == "PUT":
@@ -172,6 +174,8 @@ class FakeApiServer:
                 target = f"{path}/{body['metadata']['name']}"
                 if target in self.objects:
                     return 409, _status(409, "already exists")
+                if query.get("dryRun") == "All":
+                    return 201, body
                 self._write(target, copy.deepcopy(body), None)
                 return 201, self.objects[target]
             if method == "DELETE":

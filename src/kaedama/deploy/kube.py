@@ -122,15 +122,21 @@ class Kube:
                 return None
             raise KubeError(f"reading {ref}", exc) from exc
 
-    def apply(self, obj: Obj) -> Obj:
-        """Create or update with server-side apply (this manager owns what it sets)."""
+    def apply(self, obj: Obj, *, dry_run: bool = False) -> Obj:
+        """Create or update with server-side apply (this manager owns what it sets).
+
+        ``dry_run`` asks the API server to validate and admit without persisting.
+        """
         ref = Ref.of(obj)
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        if dry_run:
+            query.append(("dryRun", "All"))
         try:
             return self._call(
                 "PATCH",
                 ref.path,
                 body=obj,
-                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                query=query,
                 content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
