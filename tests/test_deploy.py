@@ -16,7 +16,13 @@ from kaedama.config import ConfigError
 from kaedama.deploy.config import DeployConfig
 from kaedama.deploy.kube import Kube, api_client
 from kaedama.deploy.render import INSTANCE_LABEL, MODEL_URI_ANNOTATION, render, serving_container
-from kaedama.deploy.rollout import FAILED, PROGRESSING, READY, deployment_state
+from kaedama.deploy.rollout import (
+    FAILED,
+    PROGRESSING,
+    READY,
+    deployment_state,
+    inference_service_state,
+)
 from kaedama.deploy.run import DeployFailed, deploy
 from kaedama.errors import KaedamaError
 from tests.fake_kube import TOKEN, FakeApiServer, ready_model
@@ -141,6 +147,30 @@ def test_deployment_rollout_rules():
     )
     stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
     assert deployment_state({**base, "status": {**status, "conditions": [stuck]}})[0] == FAILED
+
+
+def test_inference_service_without_observed_generation_waits_for_a_new_revision():
+    def isvc(generation, created, ready, ready_status="True"):
+        return {
+            "metadata": {"generation": generation},
+            "status": {
+                "components": {
+                    "predictor": {"latestCreatedRevision": created, "latestReadyRevision": ready}
+                },
+                "conditions": [{"type": "Ready", "status": ready_status}],
+            },
+        }
+
+    before = isvc(3, "p-00003", "p-00003")
+    # Right after the apply: still the old revision's Ready, which must not count.
+    assert inference_service_state(isvc(4, "p-00003", "p-00003"), before)[0] == PROGRESSING
+    assert inference_service_state(isvc(4, "p-00004", "p-00003"), before)[0] == PROGRESSING
+    assert inference_service_state(isvc(4, "p-00004", "p-00004"), before)[0] == READY
+    # Re-applying the same spec creates no revision: Ready is enough.
+    assert inference_service_state(isvc(3, "p-00003", "p-00003"), before)[0] == READY
+    failed = isvc(4, "p-00004", "p-00003", "False")
+    failed["status"]["conditions"][0]["reason"] = "RevisionFailed"
+    assert inference_service_state(failed, before)[0] == FAILED
 
 
 def _deployment_status(ready_after: int, failing_uri: str = ""):

@@ -24,7 +24,13 @@ def _observed(obj: dict[str, Any]) -> bool:
     return generation is None or (observed is not None and observed >= generation)
 
 
-def deployment_state(obj: dict[str, Any]) -> tuple[str, str]:
+def _predictor(obj: dict[str, Any] | None) -> dict[str, Any]:
+    return ((obj or {}).get("status") or {}).get("components", {}).get("predictor", {})
+
+
+def deployment_state(
+    obj: dict[str, Any], previous: dict[str, Any] | None = None
+) -> tuple[str, str]:
     """``kubectl rollout status`` rules: new pods updated, available, old ones gone."""
     if not _observed(obj):
         return PROGRESSING, "waiting for the Deployment controller to see the new spec"
@@ -43,10 +49,23 @@ def deployment_state(obj: dict[str, Any]) -> tuple[str, str]:
     return READY, f"{available} pods ready"
 
 
-def inference_service_state(obj: dict[str, Any]) -> tuple[str, str]:
-    """Ready when KServe reports Ready for this generation and the latest revision serves."""
-    if not _observed(obj):
-        return PROGRESSING, "waiting for KServe to see the new spec"
+def inference_service_state(
+    obj: dict[str, Any], previous: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """Ready when KServe reports Ready for this spec and its latest revision serves.
+
+    KServe versions differ in whether they set ``status.observedGeneration``; where it
+    is absent and the spec changed, a new predictor revision (Knative creates one per
+    template change) must appear before a Ready condition counts: the one read right
+    after applying may still describe the previous revision.
+    """
+    if "observedGeneration" in obj.get("status", {}):
+        if not _observed(obj):
+            return PROGRESSING, "waiting for KServe to see the new spec"
+    elif previous is not None and _spec_changed(obj, previous):
+        before = _predictor(previous).get("latestCreatedRevision")
+        if before and _predictor(obj).get("latestCreatedRevision") in (None, before):
+            return PROGRESSING, f"waiting for a new revision (serving: {before})"
     conditions = _conditions(obj)
     for condition in conditions.values():
         if condition.get("status") == "False" and condition.get("reason") in _FATAL_REASONS:
@@ -59,6 +78,11 @@ def inference_service_state(obj: dict[str, Any]) -> tuple[str, str]:
     if ready_condition.get("status") == "True":
         return READY, "InferenceService ready"
     return PROGRESSING, ready_condition.get("message") or "InferenceService not ready yet"
+
+
+def _spec_changed(obj: dict[str, Any], previous: dict[str, Any]) -> bool:
+    before = previous.get("metadata", {}).get("generation")
+    return before is None or obj.get("metadata", {}).get("generation") != before
 
 
 STATE_OF = {"Deployment": deployment_state, "InferenceService": inference_service_state}

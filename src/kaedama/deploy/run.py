@@ -44,9 +44,13 @@ def wait_ready(
     timeout: float,
     poll_interval: float,
     *,
+    previous: dict[str, Any] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
-    """Poll ``ref`` until it is ready; DeployFailed on a fatal condition or the timeout."""
+    """Poll ``ref`` until it is ready; DeployFailed on a fatal condition or the timeout.
+
+    ``previous`` is the object before this deploy touched it (None for a first deploy).
+    """
     state_of = STATE_OF[ref.kind]
     deadline = clock() + timeout
     message = "not read yet"
@@ -54,7 +58,7 @@ def wait_ready(
         obj = kube.get(ref)
         if obj is None:
             raise DeployFailed(f"{ref} disappeared while waiting for it")
-        state, message = state_of(obj)
+        state, message = state_of(obj, previous)
         if state == READY:
             log.info("%s: %s", ref, message)
             return obj
@@ -124,7 +128,9 @@ def deploy(
             log.info("applying %s", ref)
             kube.apply(obj)
             applied.append(ref)
-        ready = wait_ready(kube, primary, config.timeout, config.poll_interval)
+        ready = wait_ready(
+            kube, primary, config.timeout, config.poll_interval, previous=previous[primary]
+        )
         if config.smoke:
             smoke_test(
                 _requester(kube, ready, config),
@@ -136,7 +142,13 @@ def deploy(
     except (DeployFailed, SmokeTestFailed, KubeError) as exc:
         if not config.rollback or not applied:
             raise DeployFailed(f"deploy of {model_uri} failed: {exc}") from exc
-        rollback(kube, applied, previous)
+        try:
+            rollback(kube, applied, previous)
+        except KubeError as failed:
+            raise DeployFailed(
+                f"deploy of {model_uri} failed ({exc}) and so did the rollback ({failed}); "
+                f"inspect {primary} (e.g. kubectl rollout undo for a Deployment)"
+            ) from exc
         kept = "the previous version keeps serving" if previous[primary] else "nothing was left"
         raise DeployFailed(
             f"deploy of {model_uri} failed and was rolled back ({kept}): {exc}"
