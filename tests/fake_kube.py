@@ -55,6 +55,8 @@ class FakeApiServer:
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     reads: dict[str, int] = field(default_factory=dict)
+    # (method, path) -> HTTP status to refuse that request with (e.g. 403 for RBAC).
+    refuse: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -140,6 +142,9 @@ class FakeApiServer:
                 "/direct/"
             ):
                 return 401, _status(401, "Unauthorized")
+            if (method, path) in self.refuse:
+                code = self.refuse[(method, path)]
+                return code, _status(code, f"{method} {path} is refused (scripted)")
             if "/proxy/" in path or path.startswith("/direct/"):
                 sub = "/" + path.split("/proxy/", 1)[-1] if "/proxy/" in path else path[7:]
                 return self.model(method, sub, body)

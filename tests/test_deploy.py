@@ -266,6 +266,25 @@ def test_a_stalled_rollout_is_rolled_back_and_the_previous_version_keeps_serving
     assert set(stored) == {DEPLOYMENT, SERVICE}
 
 
+def test_a_failed_rollback_says_so_and_what_to_inspect(tmp_path):
+    with FakeApiServer(status=_deployment_status(ready_after=1, failing_uri=NEW)) as api:
+        _previous_raw(api)
+        api.refuse[("PUT", DEPLOYMENT)] = 403
+        kube = Kube(api_client(str(api.kubeconfig(tmp_path))))
+        with pytest.raises(DeployFailed, match="so did the rollback.*HTTP 403.*rollout undo"):
+            deploy(NEW, _fast(mode="raw"), kube=kube)
+
+
+def test_without_rollback_the_failed_version_stays_for_inspection(tmp_path):
+    with FakeApiServer(status=_deployment_status(ready_after=1, failing_uri=NEW)) as api:
+        _previous_raw(api)
+        kube = Kube(api_client(str(api.kubeconfig(tmp_path))))
+        with pytest.raises(DeployFailed, match="ProgressDeadlineExceeded|timed out"):
+            deploy(NEW, _fast(mode="raw", rollback=False), kube=kube)
+        assert _model_uri(api.objects[DEPLOYMENT]) == NEW
+        assert not api.calls("PUT") and not api.calls("DELETE")
+
+
 def _isvc_status(api: FakeApiServer, ready_after: int):
     def status(obj, reads):
         generation = obj["metadata"]["generation"]
