@@ -188,7 +188,9 @@ def test_kserve_and_raw_run_the_same_server():
 def test_overlays_rewrite_every_image_and_namespace(target):
     docs = _build(target)
     (namespace,) = _by_kind(docs, "Namespace")
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] in ("baseline", "restricted")
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
     name = namespace["metadata"]["name"]
     images = []
     for doc in docs:
