@@ -130,6 +130,8 @@ def test_inference_service_scales_on_concurrency_matched_to_the_server_queue():
     max_queue = int(_arg(container, "--max-queue"))
     max_batch = int(_arg(container, "--max-batch-size"))
     assert predictor["scaleMetric"] == "concurrency"
+    # Concurrency scaling needs Knative's autoscaler; KServe's default mode (Standard) has none.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
     # The hard limit admits exactly what the server's queue holds (no 429 under KPA),
     # and the soft target leaves headroom for a burst before the next pod is ready.
     assert predictor["containerConcurrency"] == max_queue
