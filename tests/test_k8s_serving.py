@@ -132,6 +132,9 @@ def test_inference_service_scales_on_concurrency_matched_to_the_server_queue():
     assert predictor["scaleMetric"] == "concurrency"
     # Concurrency scaling needs Knative's autoscaler; KServe's default mode (Standard) has none.
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    # Knative's default feature flags refuse these pod-level fields: the hardening must
+    # live on the container.
+    assert not {"securityContext", "terminationGracePeriodSeconds"} & set(predictor)
     # The hard limit admits exactly what the server's queue holds (no 429 under KPA),
     # and the soft target leaves headroom for a burst before the next pod is ready.
     assert predictor["containerConcurrency"] == max_queue
