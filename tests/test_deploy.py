@@ -23,7 +23,7 @@ from kaedama.deploy.rollout import (
     deployment_state,
     inference_service_state,
 )
-from kaedama.deploy.run import DeployFailed, deploy
+from kaedama.deploy.run import PROXY, DeployFailed, deploy, smoke_target
 from kaedama.errors import KaedamaError
 from tests.fake_kube import TOKEN, FakeApiServer, ready_model
 from tests.k8s import REPO, container_problems, kustomize, validate_crd
@@ -34,6 +34,12 @@ DEPLOYMENT = f"/apis/apps/v1/namespaces/{NS}/deployments/kaedama"
 SERVICE = f"/api/v1/namespaces/{NS}/services/kaedama"
 HPA = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/kaedama"
 ISVC = f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/kaedama"
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_cluster(monkeypatch):
+    # CI may itself run in a pod; these tests play a deploy from a workstation.
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
 
 
 def _fast(**kw) -> DeployConfig:
@@ -171,6 +177,24 @@ def test_inference_service_without_observed_generation_waits_for_a_new_revision(
     failed = isvc(4, "p-00004", "p-00003", "False")
     failed["status"]["conditions"][0]["reason"] = "RevisionFailed"
     assert inference_service_state(failed, before)[0] == FAILED
+
+
+def test_smoke_test_target_follows_where_deploy_runs():
+    raw = _fast(mode="raw")
+    (deployment,) = [o for o in render(NEW, raw) if o["kind"] == "Deployment"]
+    # From a laptop only the API server is reachable; in a pod, the Service itself.
+    assert smoke_target(deployment, raw, in_cluster=False) == PROXY
+    assert smoke_target(deployment, raw, in_cluster=True) == (
+        f"http://kaedama.{NS}.svc.cluster.local"
+    )
+    forwarded = _fast(mode="raw", smoke_url="http://127.0.0.1:8080")
+    assert smoke_target(deployment, forwarded, in_cluster=False) == "http://127.0.0.1:8080"
+    isvc = render(NEW, _fast())[0]
+    isvc["status"] = {"url": "https://kaedama.example.com", "address": {"url": "http://a.svc"}}
+    assert smoke_target(isvc, _fast(), in_cluster=False) == "http://a.svc"
+    del isvc["status"]
+    with pytest.raises(DeployFailed, match="--smoke-url"):
+        smoke_target(isvc, _fast(), in_cluster=True)
 
 
 def _deployment_status(ready_after: int, failing_uri: str = ""):

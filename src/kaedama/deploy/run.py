@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,9 +79,18 @@ def service_url(obj: dict[str, Any], config: DeployConfig) -> str:
     return f"http://{config.name}.{config.namespace}.svc.cluster.local"
 
 
-def _requester(kube: Kube, obj: dict[str, Any], config: DeployConfig):
+PROXY = "proxy"
+
+
+def smoke_target(obj: dict[str, Any], config: DeployConfig, *, in_cluster: bool) -> str:
+    """Where the smoke test goes: a base URL, or PROXY (through the API server).
+
+    In a pod (the pipeline's deploy step) the Service's cluster address is reachable and
+    admitted by the NetworkPolicy (same namespace); from outside the cluster only the API
+    server is, so raw mode goes through its service proxy there.
+    """
     if config.smoke_url:
-        return http_requester(config.smoke_url)
+        return config.smoke_url
     if obj["kind"] == "InferenceService":
         status = obj.get("status", {})
         address = status.get("address", {}).get("url") or status.get("url")
@@ -88,9 +98,17 @@ def _requester(kube: Kube, obj: dict[str, Any], config: DeployConfig):
             raise DeployFailed(
                 "the InferenceService reports no address to smoke-test; pass --smoke-url"
             )
-        return http_requester(address)
+        return address
+    return service_url(obj, config) if in_cluster else PROXY
 
-    # Raw mode: through the API server's service proxy, which works wherever kubectl does.
+
+def _requester(kube: Kube, obj: dict[str, Any], config: DeployConfig):
+    target = smoke_target(obj, config, in_cluster=bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+    if target != PROXY:
+        log.info("smoke test: %s", target)
+        return http_requester(target)
+    log.info("smoke test: through the API server's proxy to Service %s", config.name)
+
     def request(method: str, path: str, body: Any = None):
         return kube.proxy(config.namespace, config.name, "http", method, path, body)
 
