@@ -36,26 +36,28 @@ class DeployConfig:
         },
     )
     image: str = field(
-        default="", metadata={"help": "serving image (default: the template's kaedama-serve)"}
+        default="", metadata={"help": "serving image; empty keeps the template's kaedama-serve"}
     )
     min_replicas: int | None = field(
-        default=None, metadata={"help": "warm replicas kept for bursts (default: template's)"}
+        default=None, metadata={"help": "warm replicas kept for bursts; unset keeps the template's"}
     )
     max_replicas: int | None = field(
-        default=None, metadata={"help": "replica ceiling (default: template's)"}
+        default=None, metadata={"help": "replica ceiling; unset keeps the template's"}
     )
     scale_target: int | None = field(
         default=None,
-        metadata={"help": "kserve: in-flight requests per pod to scale at (default: template's)"},
+        metadata={
+            "help": "kserve: in-flight requests per pod to scale at; unset keeps the template's"
+        },
     )
     max_batch_size: int | None = field(
-        default=None, metadata={"help": "server --max-batch-size (default: template's)"}
+        default=None, metadata={"help": "server --max-batch-size; unset keeps the template's"}
     )
     max_queue: int | None = field(
         default=None,
         metadata={
-            "help": "server --max-queue; kserve's containerConcurrency follows it "
-            "(default: template's)"
+            "help": "server --max-queue (kserve's containerConcurrency follows it); unset "
+            "keeps the template's"
         },
     )
     cpu: str = field(default="", metadata={"help": "CPU request per pod, e.g. 2 or 500m"})
@@ -71,8 +73,9 @@ class DeployConfig:
     smoke_url: str = field(
         default="",
         metadata={
-            "help": "base URL for the smoke test (default: raw: through the API server's "
-            "service proxy; kserve: the InferenceService's cluster address)"
+            "help": "base URL for the smoke test, e.g. a port-forward; empty: raw mode uses "
+            "the Service in a pod and the API server's service proxy elsewhere, kserve "
+            "the InferenceService's cluster address"
         },
     )
     rollback: bool = field(
@@ -82,12 +85,13 @@ class DeployConfig:
     manifests: str = field(
         default="",
         metadata={
-            "help": "the manifests/ folder holding the templates (default: $KAEDAMA_MANIFESTS, "
-            "then the checkout's manifests/)"
+            "help": "the manifests/ folder holding the templates; empty: $KAEDAMA_MANIFESTS, "
+            "then the checkout's manifests/"
         },
     )
     kubeconfig: str = field(
-        default="", metadata={"help": "kubeconfig file (default: $KUBECONFIG, in-cluster)"}
+        default="",
+        metadata={"help": "kubeconfig file; empty: $KUBECONFIG, ~/.kube/config, in-cluster"},
     )
     context: str = field(default="", metadata={"help": "kubeconfig context"})
     dry_run: bool = field(
