@@ -209,3 +209,12 @@ def test_make_images_builds_and_pushes_every_image():
         [make, "-s", "images", "DOCKER=echo"], cwd=REPO, capture_output=True, text=True
     )
     assert missing_registry.returncode != 0 and "REGISTRY" in missing_registry.stdout
+
+
+def test_every_image_has_a_size_class_in_the_readme():
+    readme = (REPO / "images" / "README.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in readme.splitlines() if "| `" in line}
+    for dockerfile in DOCKERFILES:
+        row = rows.get(f"`{dockerfile.parent.name}/`")
+        assert row, f"images/README.md has no row for {dockerfile.parent.name}"
+        assert re.search(r"\b(XS|S|M|L|XL):", row), row
