@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "evaluate": "Evaluate a trained model: per-class metrics, confusion matrix, CAM heatmaps, latency.",
     "export": "Export a trained model for serving (TorchScript/ONNX with its data config).",
     "serve": "Run the prediction HTTP service (KServe-style load/preprocess/predict).",
+    "deploy": "Deploy an exported model to Kubernetes (KServe or plain), smoke-test it, roll back on failure.",
     "predict": "Call a prediction service with retry, backoff and jitter; print all class probabilities.",
     "predict-batch": "Predict every image of a folder, bucket or manifest with an exported model (Beam).",
     "pipeline": "Compile or submit the Kubeflow pipeline (dedup -> split -> train -> evaluate -> deploy).",
