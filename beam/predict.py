@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from beam.dedup import DEFAULT_RUNNER, Gather, _import_runner_module
+from beam.dedup import DEFAULT_RUNNER, Gather
 from beam.gcs import use_emulator_if_configured
 from kaedama import storage
 from kaedama.config import ConfigError, add_config_arguments, build_config
@@ -76,7 +76,7 @@ class ArtifactModelHandler(ModelHandler):
     """RunInference handler for a ``kaedama export`` folder: arrays in, probabilities out."""
 
     def __init__(self, model_dir: str, config: BatchPredictConfig) -> None:
-        super().__init__(max_batch_size=config.max_batch_size)
+        super().__init__()
         self.model_dir = model_dir
         self.config = config
 
@@ -86,12 +86,15 @@ class ArtifactModelHandler(ModelHandler):
     def run_inference(self, batch, model: Predictor, inference_args=None) -> Iterable[Any]:
         return list(model(batch))
 
-    def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"max_batch_size": self.config.max_batch_size}
-
 
 class _Load(beam.DoFn):
-    """URIs -> ``("ok", (uri, array))`` or ``("bad", record)``; one output (see module doc)."""
+    """A chunk of URIs -> ``("ok", [(uri, array), ...])`` batches or ``("bad", record)``.
+
+    One output (see the module doc). The batches are made here, and RunInference's own
+    batching is off: Beam 2.77's DaskRunner drops what a DoFn emits from
+    ``finish_bundle``, where ``BatchElements`` emits each bundle's last, partial batch
+    (6 images in batches of 4 came out as 4 predictions there).
+    """
 
     def __init__(self, model_dir: str, config: BatchPredictConfig) -> None:
         self.model_dir = model_dir
@@ -104,12 +107,18 @@ class _Load(beam.DoFn):
         self._preprocess = load_artifact(self.model_dir).preprocess
 
     def process(self, chunk: list[str]):
+        batch: list[tuple[str, Any]] = []
         for uri in chunk:
             loaded = load_example(uri, self._preprocess, self.config.max_bytes)
-            if len(loaded) == 2:
-                yield "ok", loaded
-            else:
+            if len(loaded) == 3:
                 yield "bad", rejected_record(*loaded)
+                continue
+            batch.append(loaded)
+            if len(batch) == self.config.max_batch_size:
+                yield "ok", batch
+                batch = []
+        if batch:
+            yield "ok", batch
 
 
 def _keyed(record: dict[str, Any], kind: str, shards: int) -> tuple[tuple[str, int], dict]:
@@ -132,6 +141,11 @@ class _Format(beam.DoFn):
     def process(self, keyed: tuple[str, Any]):
         uri, probs = keyed
         yield prediction_record(uri, probs, self._classes, self._version, self.config.top_k)
+
+
+def _records(results: Any) -> Iterable[tuple[str, Any]]:
+    """RunInference's output for one pre-made batch: ``(uri, probabilities)`` pairs."""
+    return results if isinstance(results, list) else [results]
 
 
 def _write_shard(item, out: str, shards: int) -> tuple[str, int, dict[str, int]]:
@@ -184,9 +198,11 @@ class BatchPredict(beam.PTransform):
         examples = loaded | "Examples" >> beam.FlatMap(lambda t: [t[1]] if t[0] == "ok" else [])
         rejected = loaded | "Rejected" >> beam.FlatMap(lambda t: [t[1]] if t[0] == "bad" else [])
         handler = KeyedModelHandler(ArtifactModelHandler(self.model_dir, config))
+        handler = handler.with_no_batching()  # batched by Load
         predictions = (
             examples
             | "Infer" >> RunInference(handler)
+            | "PerImage" >> beam.FlatMap(_records)
             | "Format" >> beam.ParDo(_Format(self.model_dir, config))
         )
         keyed = (
@@ -206,15 +222,24 @@ class BatchPredict(beam.PTransform):
 # --------------------------------------------------------------------------- options and run
 
 
-class PredictOptions(PipelineOptions):
-    """``--input``/``--model``/``--output`` and one option per BatchPredictConfig field."""
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, BatchPredictConfig, list[str]]:
+    """The job's own arguments, its config, and the remaining (Beam) options.
 
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--input", help="folder or gs:// prefix of images, or a manifest/list")
-        parser.add_argument("--model", help="a folder written by 'kaedama export' (local or gs://)")
-        parser.add_argument("--output", help="output folder (local or gs://)")
-        add_config_arguments(parser, BatchPredictConfig, underscore_aliases=True)
+    A plain parser, as in Beam's examples, rather than a ``PipelineOptions`` subclass:
+    those share one global namespace, where ``--input`` and ``--max_bytes`` already
+    belong to the dedup job's options.
+    """
+    parser = argparse.ArgumentParser(prog="python -m beam.predict")
+    parser.add_argument("--input", required=True, help="images: folder, gs:// prefix, manifest")
+    parser.add_argument("--model", required=True, help="a folder written by 'kaedama export'")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://)")
+    add_config_arguments(parser, BatchPredictConfig, underscore_aliases=True)
+    known, rest = parser.parse_known_args(list(argv))
+    try:
+        config = build_config(BatchPredictConfig, args=known)
+    except ConfigError as exc:
+        raise BatchPredictError(str(exc)) from exc
+    return known, config, rest
 
 
 def run_job(
@@ -242,19 +267,9 @@ def run_job(
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``python -m beam.predict``: parse the options and run the job."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    options = PipelineOptions(argv)
-    _import_runner_module(options)
-    opts = options.view_as(PredictOptions)
-    if not (opts.input and opts.model and opts.output):
-        raise BatchPredictError("--input, --model and --output are required")
-    values = {k: v for k, v in opts.get_all_options().items() if v is not None}
-    try:
-        config = build_config(BatchPredictConfig, args=argparse.Namespace(**values))
-    except ConfigError as exc:
-        raise BatchPredictError(str(exc)) from exc
-    return run_job(opts.input, opts.model, opts.output, config, argv)
+    """``python -m beam.predict``: parse the arguments and run the job."""
+    known, config, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_job(known.input, known.model, known.output, config, beam_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

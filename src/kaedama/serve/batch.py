@@ -224,7 +224,7 @@ class Predictor:
         """Preprocessed inputs -> calibrated probabilities ``(N, classes)``."""
         from kaedama.serve.model import softmax
 
-        logits, _ = self.session.run(np.stack(batch).astype(np.float32), features=False)
+        logits, _ = self.session.run(np.asarray(batch, dtype=np.float32), features=False)
         return softmax(logits, self.artifact.temperature)
 
 
