@@ -22,7 +22,10 @@ folder (no hash cache):
   local data: forked hashing processes, one per core);
 * ``beam``: ``python -m beam.dedup --input SRC --output DST --direct_num_workers 2
   --direct_running_mode multi_processing`` (the Beam job on the DirectRunner with two
-  SDK worker processes).
+  SDK worker processes);
+* ``beam_dask`` (not in the default ``--methods``): the Beam job on Beam's DaskRunner
+  with the ``LocalCluster`` it starts itself (one worker process per core) and
+  ``--branches`` one per core, at most 4.
 
 Memory: the process tree (the command and every descendant) is sampled with psutil
 every ``--interval`` seconds (0.1); the table gives the peak over samples of the
@@ -128,6 +131,18 @@ METHODS = {
         str(out),
         "--direct_num_workers=2",
         "--direct_running_mode=multi_processing",
+    ],
+    "beam_dask": lambda src, out: [
+        PY,
+        "-m",
+        "beam.dedup",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+        # One branch per worker, at most 4: later shuffles grow with the branches.
+        f"--branches={min(4, os.cpu_count() or 1)}",
     ],
 }
 

@@ -77,6 +77,7 @@ def test_dask_runner_on_two_worker_processes_writes_what_the_direct_runner_write
             src,
             f"--runner={DASK_RUNNER}",
             f"--dask_client_address={cluster.scheduler_address}",
+            "--branches=2",
         )
     direct = _run(tmp_path, src)
     assert sorted(on_dask) == sorted(direct)

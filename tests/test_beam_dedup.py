@@ -102,6 +102,26 @@ def test_list_inputs_folder_every_file_with_parent_label(small_folder):
     assert len(expected) == 13
 
 
+def test_list_inputs_in_branches_gives_the_same_chunks(small_folder):
+    root, _ = small_folder
+    with _pipeline() as p:
+        one = p | "One" >> job.ListInputs(str(root), chunk_size=2)
+        three = p | "Three" >> job.ListInputs(str(root), chunk_size=2, branches=3)
+        assert_that(three | "Sizes" >> beam.Map(len), equal_to([2] * 6 + [1]), label="sizes")
+        assert_that(
+            three | "Files" >> beam.FlatMap(lambda chunk: chunk),
+            equal_to([(str(p), p.parent.name) for p in sorted(root.rglob("*")) if p.is_file()]),
+            label="files",
+        )
+        assert_that(
+            one | "Tuples" >> beam.Map(tuple),
+            equal_to(
+                [tuple(c) for c in dedup_job.list_chunks(str(root), 2)],
+            ),
+            label="one",
+        )
+
+
 def test_list_inputs_csv_list_with_unicode_uris(tmp_path, small_folder):
     root, _ = small_folder
     listing = tmp_path / "list.csv"
@@ -412,3 +432,10 @@ def test_job_options_take_both_spellings(tmp_path):
     assert (config.read_threads, config.conflict_policy) == (2, "review")
     with pytest.raises(dedup_job.DedupJobError, match="read_threads"):
         job.parse_args([*common, "--read_threads=0"])
+
+
+def test_branches_must_be_positive(tmp_path, small_folder):
+    root, _ = small_folder
+    paths = dedup_job.JobPaths(input=str(root), output=str(tmp_path / "out"))
+    with pytest.raises(dedup_job.DedupJobError, match="--branches"):
+        job.run_job(paths, DedupConfig(), ["--branches=0"])
