@@ -110,7 +110,7 @@ def test_list_inputs_in_branches_gives_the_same_chunks(small_folder):
         assert_that(three | "Sizes" >> beam.Map(len), equal_to([2] * 6 + [1]), label="sizes")
         assert_that(
             three | "Files" >> beam.FlatMap(lambda chunk: chunk),
-            equal_to([(str(p), p.parent.name) for p in sorted(root.rglob("*")) if p.is_file()]),
+            equal_to([(str(p), p.parent.name, "") for p in sorted(root.rglob("*")) if p.is_file()]),
             label="files",
         )
         assert_that(
