@@ -279,12 +279,15 @@ class _Attempts:
         return self.next_delay(error, hint, cost)
 
 
-Source = bytes | str | os.PathLike
+# A path or gs:// URI, raw bytes, or (name, bytes) for an image that has no file.
+Source = bytes | str | os.PathLike | tuple[str, bytes]
 
 
 def _load(item: Source) -> tuple[str, bytes]:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return "<bytes>", bytes(item)
+    if isinstance(item, tuple):  # (name, bytes): e.g. a video frame named by its index
+        return str(item[0]), bytes(item[1])
     uri = os.fspath(item)
     return uri, storage.read_bytes(uri)
 
