@@ -407,7 +407,14 @@ def gathered_from_outputs(out: Path):
     for uri in sorted({u for a, b, _ in pairs if sha_of[a] != sha_of[b] for u in (a, b)}):
         hit = cache.get(sha_of[uri], recipe)
         descriptors.append((uri, sha_of[uri], hit.descriptor if hit else b""))
-    return {"records": chunks, "rejected": rejected, "pairs": pairs, "descriptors": descriptors}
+    listed = [len(manifest.rows)]  # the listing's count, as CountListed hands it over
+    return {
+        "records": chunks,
+        "rejected": rejected,
+        "pairs": pairs,
+        "descriptors": descriptors,
+        "listed": listed,
+    }
 
 
 def decide_memory(out: Path) -> dict:
