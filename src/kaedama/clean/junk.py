@@ -100,9 +100,13 @@ class JunkModel:
 
 
 def train_junk_model(
-    unwanted: np.ndarray, wanted: np.ndarray, model_key: str, *, c: float = 1.0, seed: int = 0
+    unwanted: np.ndarray, wanted: np.ndarray, model_key: str, *, c: float = 0.1, seed: int = 0
 ) -> JunkModel:
     """Fit unwanted (1) against wanted (0) embeddings, classes weighted to balance.
+
+    The wanted side is the dataset's kept images, which may still hold unwanted ones
+    (that is why the model is trained): strong regularisation (``c`` on standardised
+    features) keeps the model from memorising them as wanted.
 
     ``info`` records the counts and, when both sides have 3+ examples, the
     cross-validated average precision, so a person can judge the model before use.
