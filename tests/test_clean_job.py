@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +45,10 @@ def save(img: Image.Image, path: Path, fmt: str = "JPEG") -> None:
     img.save(path, fmt, quality=90) if fmt == "JPEG" else img.save(path, fmt)
 
 
-def checkerboard(rng, size=(96, 80)) -> Image.Image:
-    """The 'unwanted' kind: a black and white checkerboard of random cell size."""
+def checkerboard(rng, size=(96, 80), cell: int = 0) -> Image.Image:
+    """The 'unwanted' kind: a black and white checkerboard (random cell size by default)."""
     w, h = size
-    cell = int(rng.integers(6, 14))
+    cell = cell or int(rng.integers(6, 14))
     yy, xx = np.mgrid[0:h, 0:w]
     board = (((xx // cell) + (yy // cell)) % 2 * 255).astype(np.uint8)
     return Image.fromarray(np.stack([board] * 3, axis=-1))
@@ -247,3 +249,67 @@ def test_junk_model_trained_on_removed_examples_then_applied(deduped, tmp_path, 
         ]
     )
     assert code == 1
+
+
+def test_a_file_gone_since_dedup_is_rejected_not_lost(tiny_dataset, deduped, tmp_path):
+    from kaedama.manifest import write_manifest
+
+    manifest = read_manifest(str(deduped / "manifest.jsonl"))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_dataset, moved)
+    rows = [replace(r, uri=r.uri.replace(str(tiny_dataset), str(moved))) for r in manifest.rows]
+    write_manifest(str(tmp_path / "in.jsonl"), rows, manifest.header)
+    gone = next(r for r in rows if r.status == "kept" and r.label == "三田本店")
+    Path(gone.uri).unlink()
+    out = tmp_path / "out"
+    assert cli.main(["clean", str(tmp_path / "in.jsonl"), "--out", str(out), "--no-progress"]) == 0
+    after = {r.uri: r for r in read_manifest(str(out / "manifest.jsonl")).rows}
+    assert len(after) == len(rows)
+    assert (after[gone.uri].status, after[gone.uri].reason) == ("rejected", "unreadable")
+    assert "message" in after[gone.uri].extra
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["rejected"] == summary["before"]["rejected"] + 1
+    assert summary["removed_by_reason"] == {"unreadable": 1}
+
+
+def test_unwanted_examples_by_uri_and_sha256_list(deduped, tmp_path, one_torch_thread):
+    rng = np.random.default_rng(11)
+    uris = []
+    for n in range(4):
+        save(checkerboard(rng, cell=14 + 2 * n), tmp_path / "ex" / f"u{n}.png", "PNG")
+        uris.append(str(tmp_path / "ex" / f"u{n}.png"))
+    board = next(
+        r
+        for r in read_manifest(str(deduped / "manifest.jsonl")).rows
+        if r.uri.endswith("board.png")
+    )
+    listing = tmp_path / "removed.txt"
+    listing.write_text(
+        "# removed by a person\n"
+        + "\n".join(uris)
+        + f"\n{board.sha256.upper()}\n"
+        + "f" * 64
+        + "\n"
+    )
+    out = tmp_path / "out"
+    args = [
+        "clean",
+        str(deduped),
+        "--out",
+        str(out),
+        "--embeddings",
+        MODEL,
+        "--no-pretrained",
+        "--no-progress",
+        "--label-errors",
+        "off",
+        "--outliers",
+        "off",
+        "--unwanted",
+        str(listing),
+    ]
+    assert cli.main(args) == 0
+    step = json.loads((out / "summary.json").read_text())["steps"]["unwanted"]
+    assert step["examples"] == {"listed": 6, "unreadable": 0, "unknown_sha256": 1, "used": 5}
+    assert step["unwanted"] == 5 and step["wanted"] == 25  # board.png is not a wanted example
+    assert (out / "junk_model.npz").is_file()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -308,14 +309,18 @@ def unwanted_examples(
 def _is_folder(uri: str) -> bool:
     if storage.is_gcs(uri):
         return uri.endswith("/")
-    import os
-
     return os.path.isdir(uri)
+
+
+def _same(a: str, b: str) -> bool:
+    if storage.is_gcs(a) or storage.is_gcs(b):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _check_paths(paths: CleanPaths, manifest_uri: str) -> None:
     out_manifest = storage.join(paths.output, MANIFEST_NAME)
-    if storage.join(out_manifest) == storage.join(manifest_uri):
+    if _same(out_manifest, manifest_uri):
         raise CleanError(
             f"--out {paths.output} would overwrite the input manifest {manifest_uri}; "
             "write to another folder"
