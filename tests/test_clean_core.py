@@ -145,9 +145,13 @@ def test_junk_model_round_trip(tmp_path):
     model.save(path)
     loaded = JunkModel.load(path)
     assert loaded.model_key == model.model_key and loaded.info == model.info
+    assert loaded.threshold == model.threshold == pytest.approx(model.info["threshold"], abs=1e-6)
+    assert 0.0 < model.threshold < 1.0 and model.info["cv_f1"] > 0.8
     held_out = x[np.array(y) == "wasp"][30:]
     assert np.allclose(loaded.scores(held_out), model.scores(held_out))
     assert (loaded.scores(held_out) >= 0.5).mean() >= 0.9
+    assert (loaded.scores(held_out) >= loaded.threshold).mean() >= 0.9
+    assert (loaded.scores(wanted) < loaded.threshold).mean() >= 0.95
     assert (loaded.scores(wanted) < 0.5).mean() >= 0.95
     (tmp_path / "bad.npz").write_bytes(b"not a model")
     with pytest.raises(JunkModelError, match="not a kaedama junk model"):
@@ -217,3 +221,19 @@ def test_config_checks_values():
     with pytest.raises(ConfigError):
         CleanConfig(junk_threshold=1.0)
     assert CleanConfig().label_errors == "flag"
+
+
+def test_cross_fitting_finds_unwanted_images_hidden_in_the_wanted_side():
+    from kaedama.clean.junk import cross_fitted_scores
+
+    rng = np.random.default_rng(8)
+    x, y = clusters(rng, per_class=40, separation=1.0)
+    wasps = x[np.array(y) == "wasp"]
+    examples, hidden = wasps[:15], wasps[15:23]
+    dataset = np.concatenate([x[np.array(y) != "wasp"], hidden])
+    is_hidden = np.arange(len(dataset)) >= len(dataset) - len(hidden)
+    fitted = train_junk_model(examples, dataset, "k").scores(dataset)
+    crossed = cross_fitted_scores(examples, dataset, "k")
+    assert crossed[is_hidden].mean() > fitted[is_hidden].mean()
+    # Every hidden one ranks above all but (at most) two wanted ones.
+    assert crossed[is_hidden].min() > np.sort(crossed[~is_hidden])[-3]

@@ -62,7 +62,11 @@ class CleanConfig:
         default=240.0, metadata={"help": "low-info: bright above this mean (0-255)"}
     )
     junk_threshold: float = field(
-        default=0.5, metadata={"help": "junk model: unwanted at this probability or above"}
+        default=0.0,
+        metadata={
+            "help": "junk model: unwanted at this probability or above (0: the model's own, "
+            "the F1-best cut on its held-out folds, recorded when it was trained)"
+        },
     )
     junk_action: Literal["flag", "drop"] = field(
         default="flag", metadata={"help": "what to do with images the junk model calls unwanted"}
@@ -78,8 +82,8 @@ class CleanConfig:
             raise ConfigError(f"probe_c must be > 0, got {self.probe_c}")
         if self.outlier_k < 1:
             raise ConfigError(f"outlier_k must be >= 1, got {self.outlier_k}")
-        if not 0.0 < self.junk_threshold < 1.0:
-            raise ConfigError(f"junk_threshold must be in (0, 1), got {self.junk_threshold}")
+        if not 0.0 <= self.junk_threshold < 1.0:
+            raise ConfigError(f"junk_threshold must be in [0, 1), got {self.junk_threshold}")
         if self.min_side < 0 or self.max_aspect < 1:
             raise ConfigError("min_side must be >= 0 and max_aspect >= 1")
 

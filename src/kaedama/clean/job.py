@@ -233,13 +233,10 @@ def outlier_findings(
     return findings, len(scored)
 
 
-def junk_findings(
-    indices: Sequence[int], x: np.ndarray, junk, config: CleanConfig
-) -> list[Finding]:
-    """Images the junk model scores at ``config.junk_threshold`` or above, most likely first."""
-    scores = junk.scores(x)
+def junk_findings(indices: Sequence[int], scores: np.ndarray, threshold: float) -> list[Finding]:
+    """Images whose unwanted-probability reaches ``threshold``, most likely first."""
     order = sorted(
-        (n for n in range(len(indices)) if scores[n] >= config.junk_threshold),
+        (n for n in range(len(indices)) if scores[n] >= threshold),
         key=lambda n: (-scores[n], indices[n]),
     )
     return [
@@ -384,10 +381,16 @@ def run_clean(paths: CleanPaths, config: CleanConfig, *, progress: bool = True) 
                 "scored": scored,
                 "z_threshold": config.outlier_z,
             }
-        junk, junk_info = _junk(paths, config, rows_now, model, cache)
-        if junk is not None:
-            findings += junk_findings(embedded, x, junk, config)
-            steps["unwanted"] = {"action": config.junk_action, **junk_info}
+        scored, junk_info = _junk(paths, config, rows_now, model, cache, embedded)
+        if scored is not None:
+            junk, scores = scored
+            threshold = config.junk_threshold or junk.threshold
+            findings += junk_findings(embedded, scores, threshold)
+            steps["unwanted"] = {
+                "action": config.junk_action,
+                "threshold_used": threshold,
+                **junk_info,
+            }
     else:
         for kind in ("label_error", "outlier"):
             steps[kind] = {"skipped": "needs --embeddings MODEL"}
@@ -417,21 +420,32 @@ def run_clean(paths: CleanPaths, config: CleanConfig, *, progress: bool = True) 
     return summary
 
 
-def _junk(paths: CleanPaths, config: CleanConfig, rows, model, cache):
-    """Train (with ``paths.unwanted``) and/or load the junk model; None without either."""
-    from kaedama.clean.junk import JunkModel, JunkModelError, train_junk_model
+def _junk(paths: CleanPaths, config: CleanConfig, rows, model, cache, embedded: Sequence[int]):
+    """The junk model's scores of the ``embedded`` rows and notes; ``(None, {})`` without one.
 
+    Trained here (``paths.unwanted``): the dataset's own rows are scored by
+    cross-fitting (:func:`kaedama.clean.junk.cross_fitted_scores`), since they were the
+    wanted side; the model fitted on all of them is saved for later runs. Loaded
+    (``paths.junk_model``): it scores every row.
+    """
+    from kaedama.clean.junk import JunkModel, JunkModelError, cross_fitted_scores, train_junk_model
+
+    x = cache.matrix(rows[i].sha256 for i in embedded)
     if paths.unwanted:
         bad, bad_shas, counts = unwanted_examples(
             paths.unwanted, rows, model, cache, batch_size=config.batch_size
         )
-        good = sorted(
-            {r.sha256 for r in rows if r.status == "kept" and r.sha256 in cache} - bad_shas
-        )
-        junk = train_junk_model(bad, cache.matrix(good), model.key, seed=config.seed)
+        good = sorted({rows[i].sha256 for i in embedded} - bad_shas)
+        good_x = cache.matrix(good)
+        junk = train_junk_model(bad, good_x, model.key, seed=config.seed)
         target = paths.junk_model or storage.join(paths.output, JUNK_MODEL_NAME)
         junk.save(target)
-        return junk, {"trained": target, "examples": counts, **junk.info}
+        crossed = dict(
+            zip(good, cross_fitted_scores(bad, good_x, model.key, seed=config.seed), strict=True)
+        )
+        full = junk.scores(x)
+        scores = np.array([crossed.get(rows[i].sha256, full[n]) for n, i in enumerate(embedded)])
+        return (junk, scores), {"trained": target, "examples": counts, **junk.info}
     if paths.junk_model:
         junk = JunkModel.load(paths.junk_model)
         if junk.model_key != model.key:
@@ -439,7 +453,7 @@ def _junk(paths: CleanPaths, config: CleanConfig, rows, model, cache):
                 f"{paths.junk_model} was trained on {junk.model_key} embeddings, not "
                 f"{model.key}; pass the same --embeddings (and --pretrained) it was trained with"
             )
-        return junk, {"model": paths.junk_model, **junk.info}
+        return (junk, junk.scores(x)), {"model": paths.junk_model, **junk.info}
     return None, {}
 
 

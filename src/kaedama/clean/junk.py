@@ -33,6 +33,7 @@ class JunkModel:
         model_key: the embedding model key the weights were fitted on.
         mean, scale: the standardisation of the unit-length embeddings.
         coef, intercept: the logistic regression.
+        threshold: the probability from which an image counts as unwanted by default.
         info: how it was trained (counts, cross-validated scores), for people.
     """
 
@@ -41,6 +42,7 @@ class JunkModel:
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
+    threshold: float = 0.5
     info: dict = field(default_factory=dict)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
@@ -59,6 +61,7 @@ class JunkModel:
             scale=self.scale,
             coef=self.coef,
             intercept=np.array([self.intercept], dtype=np.float64),
+            threshold=np.array([self.threshold], dtype=np.float64),
             info=np.array([json.dumps(self.info, sort_keys=True)], dtype=np.str_),
         )
         return buf.getvalue()
@@ -78,6 +81,7 @@ class JunkModel:
                     scale=np.asarray(z["scale"], np.float64),
                     coef=np.asarray(z["coef"], np.float64),
                     intercept=float(z["intercept"][0]),
+                    threshold=float(z["threshold"][0]),
                     info=json.loads(str(z["info"][0])),
                 )
         except (OSError, ValueError, KeyError, IndexError) as exc:
@@ -100,7 +104,13 @@ class JunkModel:
 
 
 def train_junk_model(
-    unwanted: np.ndarray, wanted: np.ndarray, model_key: str, *, c: float = 0.1, seed: int = 0
+    unwanted: np.ndarray,
+    wanted: np.ndarray,
+    model_key: str,
+    *,
+    c: float = 0.1,
+    seed: int = 0,
+    calibrate: bool = True,
 ) -> JunkModel:
     """Fit unwanted (1) against wanted (0) embeddings, classes weighted to balance.
 
@@ -110,9 +120,15 @@ def train_junk_model(
 
     ``info`` records the counts and, when both sides have 3+ examples, the
     cross-validated average precision, so a person can judge the model before use.
+    ``threshold`` is the probability that maximises F1 on those held-out folds: the
+    probabilities of a model fitted on a few examples against a whole dataset run low
+    (unseen unwanted images score well above wanted ones, yet below 0.5), so a fixed
+    0.5 would find nothing. Without cross-validation (or ``calibrate=False``) it
+    stays 0.5.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -124,22 +140,58 @@ def train_junk_model(
     x = normalize(np.concatenate([unwanted, wanted]))
     y = np.concatenate([np.ones(len(unwanted)), np.zeros(len(wanted))]).astype(np.int64)
     scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
     clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
-    clf.fit(z, y)
+    clf.fit(scaler.transform(x), y)
     info: dict = {"unwanted": int(len(unwanted)), "wanted": int(len(wanted))}
+    threshold = 0.5
     folds = min(5, len(unwanted), len(wanted))
-    if folds >= 3:
+    if folds >= 3 and calibrate:
         cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         # The scaler is refitted inside each fold: no held-out statistics leak in.
         probe = make_pipeline(StandardScaler(), clf)
-        ap = cross_val_score(probe, x, y, cv=cv, scoring="average_precision")
-        info["cv_average_precision"] = round(float(ap.mean()), 4)
+        held_out = cross_val_predict(probe, x, y, cv=cv, method="predict_proba")[:, 1]
+        info["cv_average_precision"] = round(float(average_precision_score(y, held_out)), 4)
+        precision, recall, cuts = precision_recall_curve(y, held_out)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        best = int(np.argmax(f1))
+        threshold = float(cuts[best])
+        info["cv_f1"] = round(float(f1[best]), 4)
+    info["threshold"] = round(threshold, 6)
     return JunkModel(
         model_key=model_key,
         mean=scaler.mean_.astype(np.float64),
         scale=np.where(scaler.scale_ > 0, scaler.scale_, 1.0).astype(np.float64),
         coef=clf.coef_[0].astype(np.float64),
         intercept=float(clf.intercept_[0]),
+        threshold=threshold,
         info=info,
     )
+
+
+def cross_fitted_scores(
+    unwanted: np.ndarray,
+    wanted: np.ndarray,
+    model_key: str,
+    *,
+    folds: int = 5,
+    c: float = 0.1,
+    seed: int = 0,
+) -> np.ndarray:
+    """Scores of the ``wanted`` rows, each from a model that did not see it as wanted.
+
+    The wanted side is the dataset itself, unwanted images included: scored by the
+    model trained on them as wanted, those images score low. Scoring each fold of the
+    dataset with a model fitted on the other folds (cross-fitting) finds them.
+    """
+    from sklearn.model_selection import KFold
+
+    scores = np.zeros(len(wanted), dtype=np.float64)
+    if len(wanted) < 2:
+        return train_junk_model(unwanted, wanted, model_key, c=c, calibrate=False).scores(wanted)
+    split = KFold(n_splits=min(folds, len(wanted)), shuffle=True, random_state=seed)
+    for train, test in split.split(wanted):
+        model = train_junk_model(
+            unwanted, wanted[train], model_key, c=c, seed=seed, calibrate=False
+        )
+        scores[test] = model.scores(wanted[test])
+    return scores
