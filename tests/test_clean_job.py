@@ -313,3 +313,43 @@ def test_unwanted_examples_by_uri_and_sha256_list(deduped, tmp_path, one_torch_t
     assert step["examples"] == {"listed": 6, "unreadable": 0, "unknown_sha256": 1, "used": 5}
     assert step["unwanted"] == 5 and step["wanted"] == 25  # board.png is not a wanted example
     assert (out / "junk_model.npz").is_file()
+
+
+def test_cli_on_gcs_reads_and_writes_through_storage(
+    tiny_dataset, deduped, gcs_bucket, one_torch_thread
+):
+    from kaedama import storage
+    from kaedama.manifest import dumps_manifest
+    from tests.plugins.gcs import upload_many
+
+    manifest = read_manifest(str(deduped / "manifest.jsonl"))
+    objects, rows = {}, []
+    for r in manifest.rows:
+        rel = Path(r.uri).relative_to(tiny_dataset).as_posix()
+        objects[f"images/{rel}"] = Path(r.uri).read_bytes()
+        rows.append(replace(r, uri=f"{gcs_bucket}/images/{rel}"))
+    objects["dedup/manifest.jsonl"] = dumps_manifest(rows, manifest.header).encode()
+    upload_many(gcs_bucket, objects)
+    out = f"{gcs_bucket}/clean"
+    args = [
+        "clean",
+        f"{gcs_bucket}/dedup",
+        "--out",
+        out,
+        "--embeddings",
+        MODEL,
+        "--no-pretrained",
+        "--folds",
+        "3",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    summary = json.loads(storage.read_text(f"{out}/summary.json"))
+    assert summary["before"] == summary["after"]  # everything flagged, nothing dropped
+    assert summary["embeddings"]["embedded"] == summary["before"]["kept"]
+    assert storage.exists(summary["embeddings"]["cache"])
+    assert summary["embeddings"]["cache"].startswith(f"{out}/cache/")
+    after = read_manifest(f"{out}/manifest.jsonl").rows
+    assert [r.uri for r in after] == [r.uri for r in rows]
+    grey = next(r for r in after if r.uri.endswith("grey.png"))
+    assert grey.status == "kept" and grey.extra["clean_flags"][0] == "low_information"
