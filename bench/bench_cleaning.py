@@ -16,7 +16,7 @@ low-information flagged) run on the dirty folder, and the bench reports:
 
 * detection precision/recall per step against the plants (dedup: planted copies
   whose copy or original is dropped; label errors: flips; outliers and the junk
-  model: unwanted images). Caltech has a few real duplicates and mislabelled
+  model: unwanted images; outliers also against unwanted + flips). Caltech has a few real duplicates and mislabelled
   photos of its own, so precision is a lower bound;
 * test accuracy of a model trained on the original clean training set, on the
   dirty one and on the cleaned one: a linear probe (scikit-learn logistic
@@ -244,6 +244,8 @@ def trial(args, seed: int, model, cache_uri: str) -> dict:
         # An unwanted image under any label is a wrong label too.
         "label_error_or_unwanted": pr(flagged["label_error"], set(truth["flips"]) | unwanted),
         "outlier": pr(flagged["outlier"], unwanted),
+        # A flipped image is off-class in its given label, so an outlier too.
+        "outlier_unwanted_or_flip": pr(flagged["outlier"], unwanted | set(truth["flips"])),
         "unwanted": pr(flagged["unwanted"], unwanted),
         "low_information": {"found": len(flagged["low_information"])},
     }
