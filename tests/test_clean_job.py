@@ -163,6 +163,10 @@ def test_cli_end_to_end_with_cache_hit(deduped, tmp_path, one_torch_thread, caps
     again = json.loads((second / "summary.json").read_text())["embeddings"]
     assert (again["embedded"], again["hits"], again["misses"]) == (0, embedded, 0)
     assert (second / "manifest.jsonl").read_text() == (first / "manifest.jsonl").read_text()
+    # The next stage reads it: split keeps dedup's header fields and only kept rows.
+    assert cli.main(["split", str(first), "--out", str(tmp_path / "split")]) == 0
+    split_rows = read_manifest(str(tmp_path / "split" / "manifest.jsonl")).rows
+    assert {r.uri for r in split_rows if r.split} == {r.uri for r in rows if r.status == "kept"}
 
 
 def test_cli_without_embeddings_runs_only_the_cheap_rules(deduped, tmp_path, capsys):
