@@ -19,6 +19,7 @@ from kaedama import __version__
 # Stage name -> one-line help. The order is the order of the pipeline.
 STAGES: dict[str, str] = {
     "dedup": "Hash images, find exact and near-duplicates and label conflicts; write a manifest and a review page.",
+    "clean": "Find label errors, outliers, low-information and unwanted images in a manifest; flag or drop them.",
     "split": "Split a cleaned manifest into train/val/test: stratified, cluster-aware, stable as data grows.",
     "train": "Fine-tune a timm backbone on a split manifest (one CPU, GPUs, or torchrun nodes).",
     "evaluate": "Evaluate a trained model: per-class metrics, confusion matrix, CAM heatmaps, latency.",
