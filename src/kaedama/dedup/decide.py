@@ -7,10 +7,18 @@ manifest row per input file.
 
 Steps
     1. Candidates: every pair within ``threshold`` bits (distance recomputed here).
-    2. Confirmation: a second, independent signal (the descriptor correlation of
-       :func:`kaedama.dedup.hashing.descriptor_similarity`) must reach
-       ``confirm_threshold``. Unconfirmed candidates are reported but never cluster,
-       because different photos can share a phash (product shots on white).
+    2. Confirmation: is the pair the same shot? ``same_shot`` picks the test (see
+       :func:`same_shot`): ``descriptor``, the thumbnail correlation of
+       :func:`kaedama.dedup.hashing.descriptor_similarity`, must reach
+       ``confirm_threshold``; ``keypoints``, the share of keypoints that one RANSAC
+       homography maps onto nearly identical patches
+       (:attr:`kaedama.dedup.sameshot.Geometry.exact_ratio`), must reach
+       ``keypoint_threshold``; ``combined`` (the default) asks the keypoints where both
+       images have enough texture to judge and the descriptor where they have not
+       (flat, blank or tiny images), and never confirms a pair whose thumbnails are
+       unrelated (a shared logo or watermark matches exactly on different pictures).
+       Unconfirmed candidates are reported but never cluster, because different
+       photos can share a phash (product shots on white).
     3. Clusters: connected components over identical sha256 and confirmed pairs.
     4. A cluster spanning several labels is a label conflict, resolved by
        ``conflict_policy``: ``drop_all`` drops every member; ``majority`` keeps the
@@ -73,6 +81,8 @@ from kaedama.dedup.hashing import (
     hash_to_hex,
 )
 from kaedama.dedup.neighbors import LARGE_BUCKET, find_pairs, hash_array
+from kaedama.dedup.sameshot import VERSION as KEYPOINTS_VERSION
+from kaedama.dedup.sameshot import Geometry
 from kaedama.errors import KaedamaError
 from kaedama.manifest import DUPLICATE_URI, Row
 
@@ -83,6 +93,20 @@ log = logging.getLogger(__name__)
 # and rejects 129 of the 264 Caltech phash candidates, which are mostly different
 # objects photographed alike (motorbikes on white, airliners on blue sky).
 DEFAULT_CONFIRM_THRESHOLD = 0.80
+
+# Calibrated in bench/bench_pairs.py on the 271 Caltech-101 candidate pairs labelled by
+# eye (bench/sameshot_pairs.jsonl) and planted copies: 4% of the keypoints matched
+# exactly in place keeps ~95% of same-shot pairs and merges < 5% of different photos
+# (the descriptor alone merges ~24%: studio shots of one motorbike model in one pose).
+DEFAULT_KEYPOINT_THRESHOLD = 0.04
+# combined: below this many keypoints in either image (flat, blank, tiny) the keypoint
+# test has nothing to judge by and the descriptor decides.
+MIN_KEYPOINTS = 40
+# combined: a pair needs at least this thumbnail correlation too. A logo, watermark or
+# caption shared by two different pictures matches exactly in place; their thumbnails
+# do not correlate (every same-shot pair of the bench set scores above 0.6).
+COMBINED_MIN_SIMILARITY = 0.5
+SAME_SHOT_METHODS = ("descriptor", "keypoints", "combined")
 
 REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
 
@@ -134,6 +158,19 @@ class DedupConfig:
         default=DEFAULT_CONFIRM_THRESHOLD,
         metadata={"help": "minimum thumbnail correlation (-1..1) for a confirmed near-duplicate"},
     )
+    same_shot: Literal["descriptor", "keypoints", "combined"] = field(
+        default="combined",
+        metadata={
+            "help": "how a candidate pair is confirmed as one shot: descriptor (thumbnail "
+            "correlation), keypoints (ORB keypoints on nearly identical patches under one "
+            "RANSAC homography; needs kaedama[clean]) or combined (keypoints where the "
+            "images have texture, the descriptor where not)"
+        },
+    )
+    keypoint_threshold: float = field(
+        default=DEFAULT_KEYPOINT_THRESHOLD,
+        metadata={"help": "keypoints/combined: minimum share (0..1) of keypoints matched exactly"},
+    )
     exact_keep: Literal["first", "oldest", "largest"] = field(
         default="first", metadata={"help": "which of identical files to keep"}
     )
@@ -175,6 +212,10 @@ class DedupConfig:
             raise ConfigError(f"threshold must be in [0, {recipe.bits - 1}], got {self.threshold}")
         if not -1.0 <= self.confirm_threshold <= 1.0:
             raise ConfigError(f"confirm_threshold must be in [-1, 1], got {self.confirm_threshold}")
+        if not 0.0 <= self.keypoint_threshold <= 1.0:
+            raise ConfigError(
+                f"keypoint_threshold must be in [0, 1], got {self.keypoint_threshold}"
+            )
         if self.max_bucket < 2:
             raise ConfigError(f"max_bucket must be >= 2, got {self.max_bucket}")
         if self.max_pixels < 1:
@@ -183,6 +224,11 @@ class DedupConfig:
             raise ConfigError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.read_threads < 1:
             raise ConfigError(f"read_threads must be >= 1, got {self.read_threads}")
+
+    @property
+    def verifies_keypoints(self) -> bool:
+        """True when candidate pairs need the keypoint test (and so OpenCV)."""
+        return self.confirm and self.same_shot != "descriptor"
 
     def recipe(self) -> HashRecipe:
         """The hash recipe these settings describe."""
@@ -222,13 +268,16 @@ class DedupResult:
              "exact_groups": [[uri, ...], ...],          # identical bytes, 2+ members
              "pairs": [{"a", "b", "distance", "similarity", "confirmed"}, ...]}
 
-        candidate_pairs: every candidate ``(a, b, distance, similarity, confirmed)``.
+        candidate_pairs: every candidate ``(a, b, distance, similarity, confirmed,
+            keypoints)``; ``keypoints`` is the pair's exact-keypoint share
+            (:attr:`kaedama.dedup.sameshot.Geometry.exact_ratio`) where the keypoint
+            test judged it, else None.
         summary: counts (see :func:`summarise`).
     """
 
     rows: list[Row]
     clusters: list[dict[str, Any]]
-    candidate_pairs: list[tuple[str, str, int, float, bool]]
+    candidate_pairs: list[tuple[str, str, int, float, bool, float | None]]
     summary: dict[str, Any]
 
 
@@ -240,6 +289,7 @@ def manifest_header(config: DedupConfig) -> dict[str, Any]:
         "hash_recipe": recipe.key(),
         "hash": recipe.to_dict(),
         "descriptor": {"version": DESCRIPTOR_VERSION, "bytes": DESCRIPTOR_BYTES},
+        "keypoints": {"version": KEYPOINTS_VERSION},
         "dedup": config_to_dict(config),
     }
 
@@ -387,6 +437,67 @@ def _candidates(
     return pairs, sims
 
 
+def same_shot(
+    similarity: float, geometry: Geometry | None, config: DedupConfig
+) -> tuple[bool, float | None]:
+    """Whether one candidate pair of different files is the same shot, and the keypoint score.
+
+    The rule of ``config.same_shot`` (see the module docstring). ``geometry`` is None
+    when the pair was not verified (the keypoint test off, or a file no longer
+    readable): ``keypoints`` then leaves it unconfirmed, ``combined`` lets the
+    descriptor decide, as for images without texture.
+
+    Returns:
+        ``(confirmed, score)``: ``score`` is the exact-keypoint share where the
+        keypoint test decided, else None.
+    """
+    by_descriptor = similarity >= config.confirm_threshold
+    if config.same_shot == "descriptor":
+        return by_descriptor, None
+    if config.same_shot == "keypoints":
+        if geometry is None:
+            return False, None
+        score = geometry.exact_ratio
+        return score >= config.keypoint_threshold, score
+    if geometry is None or geometry.keypoints < MIN_KEYPOINTS:
+        return by_descriptor, None
+    score = geometry.exact_ratio
+    return score >= config.keypoint_threshold and similarity >= COMBINED_MIN_SIMILARITY, score
+
+
+def _confirm(
+    pairs: list[tuple[int, int, int]],
+    sims: np.ndarray,
+    recs: list[ImageRecord],
+    config: DedupConfig,
+    geometry: Mapping[tuple[str, str], Geometry],
+) -> tuple[list[bool], list[float | None]]:
+    """``(confirmed, keypoint score)`` per pair: identical bytes always, others by :func:`same_shot`."""
+    if not config.confirm:
+        return [True] * len(pairs), [None] * len(pairs)
+    confirmed: list[bool] = []
+    scores: list[float | None] = []
+    missing = 0
+    for (i, j, _), sim in zip(pairs, sims.tolist(), strict=True):
+        if recs[i].sha256 == recs[j].sha256:
+            confirmed.append(True)
+            scores.append(None)
+            continue
+        found = geometry.get((recs[i].uri, recs[j].uri))
+        missing += found is None
+        ok, score = same_shot(sim, found, config)
+        confirmed.append(ok)
+        scores.append(score)
+    if config.verifies_keypoints and missing:
+        log.warning(
+            "%d near pairs have no keypoint test (not verified, or a file is no longer "
+            "readable): %s",
+            missing,
+            "left unconfirmed" if config.same_shot == "keypoints" else "judged by the descriptor",
+        )
+    return confirmed, scores
+
+
 def near_pair_uris(candidate_pairs: Iterable[tuple]) -> list[str]:
     """Sorted URIs of the images in candidate pairs: the ones to describe before deciding.
 
@@ -411,6 +522,7 @@ def decide(
     config: DedupConfig,
     *,
     listed: int | None = None,
+    geometry: Mapping[tuple[str, str], Geometry] | None = None,
 ) -> DedupResult:
     """Decide kept/dropped for every image; see the module docstring for the rules.
 
@@ -423,6 +535,9 @@ def decide(
         config: the stage configuration.
         listed: how many entries the listing gave, counted where they were listed
             (not from the rows): kept + dropped + rejected must equal it.
+        geometry: the keypoint test of near pairs (:func:`kaedama.dedup.sameshot.match`),
+            keyed by ``(uri_a, uri_b)`` with ``uri_a < uri_b``; used when
+            ``config.same_shot`` is not ``descriptor``.
 
     Returns:
         The :class:`DedupResult`.
@@ -443,10 +558,7 @@ def decide(
     bits = config.recipe().bits
 
     pairs, sims = _candidates(candidate_pairs, recs, index, config)
-    if config.confirm:
-        confirmed = (sims >= config.confirm_threshold).tolist()
-    else:
-        confirmed = [True] * len(pairs)
+    confirmed, scores = _confirm(pairs, sims, recs, config, geometry or {})
     edges = [(i, j) for (i, j, _), ok in zip(pairs, confirmed, strict=True) if ok]
 
     by_sha: dict[str, list[int]] = defaultdict(list)
@@ -533,9 +645,10 @@ def decide(
 
     candidates_out = []
     pairs_by_cluster: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (i, j, dist), sim, ok in zip(pairs, sims.tolist(), confirmed, strict=True):
+    for (i, j, dist), sim, ok, score in zip(pairs, sims.tolist(), confirmed, scores, strict=True):
         sim = round(float(sim), 6)
-        candidates_out.append((recs[i].uri, recs[j].uri, dist, sim, bool(ok)))
+        score = None if score is None else round(score, 6)
+        candidates_out.append((recs[i].uri, recs[j].uri, dist, sim, bool(ok), score))
         ci, cj = decisions[i].cluster, decisions[j].cluster
         if ci and ci == cj:
             pairs_by_cluster[ci].append(
@@ -544,6 +657,7 @@ def decide(
                     "b": recs[j].uri,
                     "distance": dist,
                     "similarity": sim,
+                    "keypoints": score,
                     "confirmed": bool(ok),
                 }
             )
@@ -586,7 +700,7 @@ def decide(
 
 def summarise(
     rows: Sequence[Row],
-    candidate_pairs: Sequence[tuple[str, str, int, float, bool]],
+    candidate_pairs: Sequence[tuple[str, str, int, float, bool, float | None]],
     clusters: Sequence[dict[str, Any]],
     config: DedupConfig,
     *,
@@ -679,12 +793,17 @@ def find_candidate_pairs(
 
 
 def run_local(
-    records: Sequence[ImageRecord], rejected: Sequence[Rejected], config: DedupConfig
+    records: Sequence[ImageRecord],
+    rejected: Sequence[Rejected],
+    config: DedupConfig,
+    *,
+    geometry: Mapping[tuple[str, str], Geometry] | None = None,
 ) -> DedupResult:
     """Exact in-memory pair search plus :func:`decide`, for tests and small inputs.
 
     The records of near pairs need their descriptors (``hash_image_bytes(...,
-    describe=True)``), or those pairs stay unconfirmed.
+    describe=True)``), or those pairs stay unconfirmed; without ``geometry`` (see
+    :func:`decide`) the ``combined`` test judges them by the descriptor alone.
     """
     pairs = identical_file_pairs(records) + find_candidate_pairs(records, config)
-    return decide(records, rejected, pairs, config)
+    return decide(records, rejected, pairs, config, geometry=geometry)

@@ -9,7 +9,8 @@ holds everything that is not wiring, so it never imports Apache Beam:
   reason it cannot, with a few threads per worker);
 * the distributed pair search's steps (:func:`sha_shards`, :func:`exact_groups`,
   :func:`identical_pairs`, :func:`block_shards`, :func:`shard_pairs`);
-* the second signal for the images of candidate pairs only (:func:`describe_file`);
+* the second signal for the images of candidate pairs only (:func:`describe_file`),
+  and the same-shot keypoint test of each candidate pair (:func:`verify_pair`);
 * the outputs (:func:`thumbnail`, :func:`update_cache`, :func:`plan_copies`,
   :func:`write_outputs`);
 * :func:`run_in_process`: the whole job on one machine with a pool of forked
@@ -31,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from kaedama import storage
@@ -49,6 +51,7 @@ from kaedama.dedup.hashcache import HashCache
 from kaedama.dedup.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
 from kaedama.dedup.neighbors import block_keys, pairs_in_bucket
 from kaedama.dedup.review import render_report, representatives, thumbnail_data_uri
+from kaedama.dedup.sameshot import Geometry
 from kaedama.errors import KaedamaError
 from kaedama.images import ImageError
 from kaedama.manifest import (
@@ -112,6 +115,18 @@ class JobPaths:
     cache: str = ""
     materialize: str = ""
     thumbnail_size: int = DEFAULT_THUMBNAIL
+
+
+def require_tools(config: DedupConfig) -> None:
+    """Fail before reading any file when the settings need a library that is missing.
+
+    Raises:
+        kaedama.dedup.sameshot.OpenCVMissingError: the keypoint test needs OpenCV.
+    """
+    if config.verifies_keypoints:
+        from kaedama.dedup import sameshot
+
+        sameshot.require()
 
 
 def default_cache_uri(output: str, config: DedupConfig) -> str:
@@ -289,6 +304,44 @@ def describe_file(
         return uri, sha, b""
 
 
+# One candidate pair's keypoint test as plain values: (uri_a, uri_b, keypoints, matches,
+# inliers, exact), uri_a < uri_b (see kaedama.dedup.sameshot.Geometry).
+Verified = tuple[str, str, int, int, int, int]
+
+
+@lru_cache(maxsize=256)
+def _features(uri: str, max_bytes: int, max_pixels: int):
+    """ORB features of one file, kept per process: an image is often in several pairs."""
+    from kaedama.dedup import sameshot  # OpenCV loads only where pairs are verified
+
+    data = storage.read_bytes(uri, max_bytes=max_bytes)
+    return sameshot.features(data, max_pixels=max_pixels, uri=uri)
+
+
+def verify_pair(pair: Sequence[Any], config: DedupConfig) -> Verified | None:
+    """The same-shot keypoint test of one candidate pair ``(uri_a, uri_b, ...)``.
+
+    Reads and decodes both files (a grayscale decode reduced to the feature size; the
+    features of the last few hundred images stay cached in the process). A file that
+    can no longer be read gives None: decide then treats the pair as unverified (logged).
+    """
+    from kaedama.dedup import sameshot
+
+    a, b = sorted(pair[:2])
+    try:
+        fa = _features(a, config.max_bytes, config.max_pixels)
+        fb = _features(b, config.max_bytes, config.max_pixels)
+    except (storage.StorageError, ImageError) as exc:
+        log.warning("cannot verify %s ~ %s: %s", a, b, exc)
+        return None
+    return (a, b, *sameshot.match(fa, fb).to_tuple())
+
+
+def geometry_of(verified: Iterable[Verified | None]) -> dict[tuple[str, str], Geometry]:
+    """:func:`verify_pair` results as the mapping :func:`kaedama.dedup.decide.decide` takes."""
+    return {(v[0], v[1]): Geometry(*v[2:]) for v in verified if v is not None}
+
+
 # --------------------------------------------------------------------------- pair search steps
 
 # Buckets up to this many distinct hashes are verified pair by pair in Python.
@@ -450,8 +503,15 @@ def _jsonl(items: Iterable[Any]) -> str:
 
 
 def _candidate_json(pair: Sequence[Any]) -> dict[str, Any]:
-    a, b, dist, sim, ok = pair
-    return {"a": a, "b": b, "distance": dist, "similarity": sim, "confirmed": ok}
+    a, b, dist, sim, ok, keypoints = pair
+    return {
+        "a": a,
+        "b": b,
+        "distance": dist,
+        "similarity": sim,
+        "keypoints": keypoints,
+        "confirmed": ok,
+    }
 
 
 def _rejected_json(row) -> dict[str, Any]:
@@ -664,6 +724,10 @@ def _describe_in_worker(uri: str) -> tuple[str, str, bytes]:
     return describe_file(uri, state["config"], state["recipe"], state["cache"])
 
 
+def _verify_in_worker(pair: tuple[str, str, int]) -> Verified | None:
+    return verify_pair(pair, _WORKER_STATE["config"])
+
+
 class _PhaseClock:
     """Logs how long each phase of the in-process engine took (where the time goes)."""
 
@@ -704,6 +768,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
             "(without --in-process) for gs:// inputs or outputs"
         )
     check_paths(paths)
+    require_tools(config)
     clock = _PhaseClock()
     items = list_inputs(paths.input)
     cache = HashCache.load(paths.cache)
@@ -722,9 +787,16 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         uris = near_pair_uris(near)
         descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
         clock.lap(f"pair search + describe {len(uris)} candidate images")
+        geometry = {}
+        if config.verifies_keypoints:
+            # Pairs are sorted by URI, so chunks keep an image's pairs together and its
+            # features are computed once per process (verify_pair's cache).
+            verified = pool.map(_verify_in_worker, near, chunksize=max(1, len(near) // 16))
+            geometry = geometry_of(verified)
+            clock.lap(f"same-shot keypoint test of {len(near)} candidate pairs")
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
         pairs = identical_file_pairs(records) + near
-        result = decide(described, rejected, pairs, config, listed=len(items))
+        result = decide(described, rejected, pairs, config, listed=len(items), geometry=geometry)
         clock.lap("decide")
         thumbs = dict(
             pool.starmap(

@@ -10,7 +10,7 @@ it works for ``gs://`` datasets and can be mailed around.
 Layout: a summary (counts by status and reason, per label before/after), then one
 ``<section class="cluster" data-cluster="ID">`` per cluster, label conflicts first,
 then larger clusters first; each shows its images as thumbnails with label, URI, size
-and decision, and the candidate pairs with distance, similarity and whether they were
+and decision, and the candidate pairs with distance, similarity, keypoint score and whether they were
 confirmed. Every string from the data (labels and URIs are untrusted and often
 unicode) is HTML-escaped. The page has no scripts and loads nothing from elsewhere.
 """
@@ -210,17 +210,24 @@ def _pairs_html(cluster: Mapping[str, Any]) -> str:
         opened = " open" if len(pairs) <= _OPEN_PAIRS else ""
         parts.append(
             f"<details{opened}><summary>{len(pairs)} candidate pair(s)</summary><table>"
-            "<tr><th>a</th><th>b</th><th>distance</th><th>similarity</th><th>confirmed</th></tr>"
+            "<tr><th>a</th><th>b</th><th>distance</th><th>similarity</th><th>keypoints</th>"
+            "<th>confirmed</th></tr>"
         )
         for p in pairs:
             parts.append(
                 f"<tr><td class='uri'>{_e(p['a'])}</td><td class='uri'>{_e(p['b'])}</td>"
                 f"<td class='num'>{_e(p['distance'])}</td>"
                 f"<td class='num'>{_e(p.get('similarity', ''))}</td>"
+                f"<td class='num'>{_e(_or_blank(p.get('keypoints')))}</td>"
                 f"<td>{'yes' if p.get('confirmed') else 'no'}</td></tr>"
             )
         parts.append("</table></details>")
     return "".join(parts)
+
+
+def _or_blank(value: Any) -> Any:
+    """A missing score (the test did not judge the pair) shows as an empty cell."""
+    return "" if value is None else value
 
 
 def _cluster_html(cluster: Mapping[str, Any], thumbnail: Callable[[str], str | None]) -> str:
