@@ -13,10 +13,11 @@ Steps
        ``confirm_threshold``; ``keypoints``, the share of keypoints that one RANSAC
        homography maps onto nearly identical patches
        (:attr:`kaedama.dedup.sameshot.Geometry.exact_ratio`), must reach
-       ``keypoint_threshold``; ``combined`` (the default) asks the keypoints where both
-       images have enough texture to judge and the descriptor where they have not
-       (flat, blank or tiny images), and never confirms a pair whose thumbnails are
-       unrelated (a shared logo or watermark matches exactly on different pictures).
+       ``keypoint_threshold``, over at least ``MIN_COVERAGE`` of the picture (a shared
+       logo or watermark matches exactly in a corner of different pictures);
+       ``combined`` (the default) asks the keypoints where both images have enough
+       texture to judge and the descriptor where they have not (flat, blank or tiny
+       images).
        Unconfirmed candidates are reported but never cluster, because different
        photos can share a phash (product shots on white).
     3. Clusters: connected components over identical sha256 and confirmed pairs.
@@ -102,10 +103,11 @@ DEFAULT_KEYPOINT_THRESHOLD = 0.04
 # combined: below this many keypoints in either image (flat, blank, tiny) the keypoint
 # test has nothing to judge by and the descriptor decides.
 MIN_KEYPOINTS = 40
-# combined: a pair needs at least this thumbnail correlation too. A logo, watermark or
-# caption shared by two different pictures matches exactly in place; their thumbnails
-# do not correlate (every same-shot pair of the bench set scores above 0.6).
-COMBINED_MIN_SIMILARITY = 0.5
+# keypoints/combined: the homography's inliers must span at least this share of the
+# picture (convex hull): a small mark shared by two different pictures (a logo in a
+# corner) cannot confirm them. Low, because a thin subject spans little: the minaret
+# pair of the bench set spans 2%, every other same-shot pair over 10%.
+MIN_COVERAGE = 0.01
 SAME_SHOT_METHODS = ("descriptor", "keypoints", "combined")
 
 REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
@@ -454,15 +456,12 @@ def same_shot(
     by_descriptor = similarity >= config.confirm_threshold
     if config.same_shot == "descriptor":
         return by_descriptor, None
-    if config.same_shot == "keypoints":
-        if geometry is None:
-            return False, None
-        score = geometry.exact_ratio
-        return score >= config.keypoint_threshold, score
-    if geometry is None or geometry.keypoints < MIN_KEYPOINTS:
+    if config.same_shot == "combined" and (geometry is None or geometry.keypoints < MIN_KEYPOINTS):
         return by_descriptor, None
+    if geometry is None:
+        return False, None
     score = geometry.exact_ratio
-    return score >= config.keypoint_threshold and similarity >= COMBINED_MIN_SIMILARITY, score
+    return score >= config.keypoint_threshold and geometry.coverage >= MIN_COVERAGE, score
 
 
 def _confirm(

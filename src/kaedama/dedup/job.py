@@ -305,8 +305,8 @@ def describe_file(
 
 
 # One candidate pair's keypoint test as plain values: (uri_a, uri_b, keypoints, matches,
-# inliers, exact), uri_a < uri_b (see kaedama.dedup.sameshot.Geometry).
-Verified = tuple[str, str, int, int, int, int]
+# inliers, exact, coverage), uri_a < uri_b (see kaedama.dedup.sameshot.Geometry).
+Verified = tuple[str, str, int, int, int, int, float]
 
 
 @lru_cache(maxsize=256)

@@ -85,10 +85,14 @@ def require() -> None:
 
 @dataclass(frozen=True)
 class Features:
-    """ORB keypoints of one image: ``points`` (n, 2) float32 and ``descriptors`` (n, 32) uint8."""
+    """ORB keypoints of one image: ``points`` (n, 2) float32, ``descriptors`` (n, 32) uint8.
+
+    ``size`` is the ``(width, height)`` of the normalised image the points lie on.
+    """
 
     points: np.ndarray
     descriptors: np.ndarray
+    size: tuple[int, int] = (FEATURE_SIDE, FEATURE_SIDE)
 
     def __len__(self) -> int:
         return len(self.points)
@@ -103,12 +107,16 @@ class Geometry:
         matches: matches that passed the ratio test.
         inliers: matches within :data:`REPROJECTION_PX` of the RANSAC homography.
         exact: inliers whose descriptors differ in at most :data:`EXACT_BITS` bits.
+        coverage: share of the first image's area inside the convex hull of the
+            inliers: how much of the picture the homography explains (a logo or
+            caption shared by two different pictures covers a small part).
     """
 
     keypoints: int
     matches: int = 0
     inliers: int = 0
     exact: int = 0
+    coverage: float = 0.0
 
     @property
     def inlier_ratio(self) -> float:
@@ -120,9 +128,9 @@ class Geometry:
         """Exact inliers over the smaller keypoint count: the same-shot score (0..1)."""
         return self.exact / self.keypoints if self.keypoints else 0.0
 
-    def to_tuple(self) -> tuple[int, int, int, int]:
-        """Plain values (for a runner's coders): ``(keypoints, matches, inliers, exact)``."""
-        return (self.keypoints, self.matches, self.inliers, self.exact)
+    def to_tuple(self) -> tuple[int, int, int, int, float]:
+        """Plain values (for a runner's coders): ``(keypoints, matches, inliers, exact, coverage)``."""
+        return (self.keypoints, self.matches, self.inliers, self.exact, self.coverage)
 
 
 NO_GEOMETRY = Geometry(0)
@@ -144,10 +152,11 @@ def features_of_array(gray: np.ndarray) -> Features:
     cv2 = _cv2()
     orb = cv2.ORB_create(nfeatures=MAX_FEATURES)
     keypoints, descriptors = orb.detectAndCompute(gray, None)
+    size = (gray.shape[1], gray.shape[0])
     if descriptors is None or not keypoints:
-        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), size)
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
-    return Features(points, descriptors)
+    return Features(points, descriptors, size)
 
 
 def features(
@@ -187,8 +196,12 @@ def match(a: Features, b: Features) -> Geometry:
     if homography is None or mask is None:
         return Geometry(keypoints, len(good))
     inlier = mask.ravel().astype(bool)
-    distances = np.array([m.distance for m in good], dtype=np.float32)[inlier]
-    return Geometry(keypoints, len(good), int(inlier.sum()), int((distances <= EXACT_BITS).sum()))
+    exact = inlier & (np.array([m.distance for m in good], dtype=np.float32) <= EXACT_BITS)
+    coverage = 0.0
+    if inlier.sum() >= 3:
+        hull = cv2.convexHull(src[inlier].reshape(-1, 2))
+        coverage = min(1.0, float(cv2.contourArea(hull)) / float(a.size[0] * a.size[1]))
+    return Geometry(keypoints, len(good), int(inlier.sum()), int(exact.sum()), round(coverage, 6))
 
 
 def verify_bytes(a: bytes, b: bytes, *, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Geometry:
