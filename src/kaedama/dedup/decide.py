@@ -28,10 +28,15 @@ Steps
        images (still one per duplicate group within a label) and flags every member
        with ``extra["review"] = "label_conflict"``.
     5. Within one label, each connected group keeps one image: within identical bytes
-       by ``exact_keep`` (``first`` = smallest URI, ``oldest`` = smallest mtime,
+       by ``exact_keep`` (``first`` = smallest URI, ``oldest`` = earliest time,
        ``largest`` = most bytes, which ties for identical bytes and so falls back to
        the URI), then across the group by ``near_keep`` (``largest`` = most pixels,
-       ``first`` = smallest URI). Dropped images name the kept one in
+       ``first`` = smallest URI, ``oldest`` = earliest time: the original rather than
+       an edited copy). A photo's time (:func:`photo_time`) is its EXIF capture time
+       where the header records one, else the file's modification time (the order of
+       ``jdupes --order=time``); a capture time without a UTC offset counts as UTC.
+       Identical bytes carry identical EXIF, so among them ``oldest`` is the
+       modification time. Dropped images name the kept one in
        ``duplicate_of`` with reason ``exact_duplicate`` (same bytes as the kept image)
        or ``near_duplicate``.
 
@@ -65,6 +70,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
@@ -174,13 +180,28 @@ class DedupConfig:
         metadata={"help": "keypoints/combined: minimum share (0..1) of keypoints matched exactly"},
     )
     exact_keep: Literal["first", "oldest", "largest"] = field(
-        default="first", metadata={"help": "which of identical files to keep"}
+        default="first",
+        metadata={
+            "help": "which of identical files to keep: first (URI), oldest (EXIF capture "
+            "time, else the file's time) or largest"
+        },
     )
-    near_keep: Literal["largest", "first"] = field(
-        default="largest", metadata={"help": "which near-duplicate to keep within one label"}
+    near_keep: Literal["largest", "first", "oldest"] = field(
+        default="largest",
+        metadata={
+            "help": "which near-duplicate to keep within one label: largest (pixels), first "
+            "(URI) or oldest (EXIF capture time, else the file's time)"
+        },
     )
     conflict_policy: Literal["drop_all", "majority", "review"] = field(
         default="drop_all", metadata={"help": "clusters spanning several labels"}
+    )
+    keep_gps: bool = field(
+        default=False,
+        metadata={
+            "help": "record the EXIF GPS position in the manifest (personal data: off by "
+            "default; capture time and camera are always recorded where present)"
+        },
     )
     max_bucket: int = field(
         default=LARGE_BUCKET,
@@ -226,6 +247,11 @@ class DedupConfig:
             raise ConfigError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.read_threads < 1:
             raise ConfigError(f"read_threads must be >= 1, got {self.read_threads}")
+
+    @property
+    def needs_mtime(self) -> bool:
+        """True when a keep policy orders by time (the file's mtime is then read)."""
+        return "oldest" in (self.exact_keep, self.near_keep)
 
     @property
     def verifies_keypoints(self) -> bool:
@@ -299,9 +325,19 @@ def manifest_header(config: DedupConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- keep policies
 
 
+def photo_time(rec: ImageRecord) -> float:
+    """POSIX seconds: the EXIF capture time (UTC when it has no offset), else the mtime."""
+    if not rec.taken:
+        return rec.mtime
+    taken = datetime.fromisoformat(rec.taken)
+    if taken.tzinfo is None:
+        taken = taken.replace(tzinfo=timezone.utc)
+    return taken.timestamp()
+
+
 def _exact_order(rec: ImageRecord, policy: str) -> tuple:
     if policy == "oldest":
-        return (rec.mtime, rec.uri)
+        return (photo_time(rec), rec.mtime, rec.uri)
     if policy == "largest":
         return (-rec.bytes, -rec.width * rec.height, rec.uri)
     return (rec.uri,)
@@ -310,6 +346,8 @@ def _exact_order(rec: ImageRecord, policy: str) -> tuple:
 def _near_order(rec: ImageRecord, policy: str) -> tuple:
     if policy == "largest":
         return (-rec.width * rec.height, -rec.bytes, rec.uri)
+    if policy == "oldest":
+        return (photo_time(rec), rec.uri)
     return (rec.uri,)
 
 
@@ -677,7 +715,7 @@ def decide(
             status=d.status,
             reason=d.reason,
             duplicate_of=d.duplicate_of,
-            extra=dict(d.extra),
+            extra={**exif_columns(r), **d.extra},
         )
         for r, d in zip(recs, decisions, strict=True)
     ]
@@ -695,6 +733,18 @@ def decide(
     rows.sort(key=lambda row: (row.uri, row.reason == DUPLICATE_URI, row.label))
     summary = summarise(rows, candidates_out, clusters, config, listed=listed)
     return DedupResult(rows, clusters, candidates_out, summary)
+
+
+def exif_columns(rec: ImageRecord) -> dict[str, Any]:
+    """The manifest's EXIF columns of one image: only the fields its header had."""
+    columns: dict[str, Any] = {
+        "taken": rec.taken,
+        "camera_make": rec.make,
+        "camera_model": rec.model,
+    }
+    if rec.gps is not None:
+        columns["gps_latitude"], columns["gps_longitude"] = rec.gps
+    return {k: v for k, v in columns.items() if v != ""}
 
 
 def summarise(

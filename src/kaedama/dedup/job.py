@@ -237,14 +237,21 @@ def fingerprint(
         return Rejected(uri, label, reason, LISTING_MESSAGES.get(reason, reason))
     try:
         data = read_limited(uri, config)
-        mtime = storage.stat(uri).mtime if config.exact_keep == "oldest" else 0.0
+        mtime = storage.stat(uri).mtime if config.needs_mtime else 0.0
     except storage.TooLargeError as exc:
         return Rejected(uri, label, TOO_LARGE, str(exc), exc.size or 0)
     except storage.StorageError as exc:
         return Rejected(uri, label, UNREADABLE, str(exc))
     try:
         return hash_image_bytes(
-            uri, label, data, recipe, max_pixels=config.max_pixels, mtime=mtime, cache=cache
+            uri,
+            label,
+            data,
+            recipe,
+            max_pixels=config.max_pixels,
+            mtime=mtime,
+            cache=cache,
+            keep_gps=config.keep_gps,
         )
     except ImageError as exc:
         return Rejected(uri, label, exc.reason, exc.message, len(data))
@@ -358,8 +365,11 @@ SHARDS = 16
 Group = tuple[str, str, tuple[str, ...]]
 
 # An ImageRecord as plain values for the same reason (a dataclass is pickled element by
-# element): (uri, label, sha256, bytes, width, height, hash hex, descriptor, mtime).
-RecordTuple = tuple[str, str, str, int, int, int, str, bytes, float]
+# element): (uri, label, sha256, bytes, width, height, hash hex, descriptor, mtime,
+# taken, make, model, gps as () or (latitude, longitude)).
+RecordTuple = tuple[
+    str, str, str, int, int, int, str, bytes, float, str, str, str, tuple[float, ...]
+]
 
 
 def record_to_tuple(r: ImageRecord) -> RecordTuple:
@@ -374,13 +384,31 @@ def record_to_tuple(r: ImageRecord) -> RecordTuple:
         format(r.hash, "x"),
         r.descriptor,
         r.mtime,
+        r.taken,
+        r.make,
+        r.model,
+        tuple(r.gps) if r.gps else (),
     )
 
 
 def record_from_tuple(t: RecordTuple) -> ImageRecord:
     """Inverse of :func:`record_to_tuple`."""
-    uri, label, sha, size, width, height, hx, desc, mtime = t
-    return ImageRecord(uri, label, sha, size, width, height, int(hx, 16), desc, mtime)
+    uri, label, sha, size, width, height, hx, desc, mtime, taken, make, model, gps = t
+    return ImageRecord(
+        uri,
+        label,
+        sha,
+        size,
+        width,
+        height,
+        int(hx, 16),
+        desc,
+        mtime,
+        taken=taken,
+        make=make,
+        model=model,
+        gps=(gps[0], gps[1]) if gps else None,
+    )
 
 
 def uri_shard(uri: str) -> int:
