@@ -214,3 +214,23 @@ def test_caltech_lookalikes_rejected_and_copies_kept(shared_datasets):
         ("minaret/image_0025.jpg", "minaret/image_0051.jpg"),
     ]:
         assert judge(a, b)[1], (a, b)
+
+
+def test_both_engines_paths_give_the_same_features_and_descriptor(tmp_path, original):
+    """In-process: one decode for descriptor and features; Beam: features per pair. Equal."""
+    from kaedama.dedup import job
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg(original))
+    data = path.read_bytes()
+    uri, sha, desc, feats = job.describe_with_features(str(path), DedupConfig(), HashRecipe())
+    alone = sameshot.features(data)
+    assert desc == describe_bytes(data) and len(sha) == 64
+    assert np.array_equal(feats.points, alone.points)
+    assert np.array_equal(feats.descriptors, alone.descriptors)
+    verified = job.verify_pair((str(path), str(path), 0), DedupConfig())
+    assert verified == job.match_pair(str(path), str(path), feats, feats)
+    assert job.geometry_of([verified, None]) == {(str(path), str(path)): Geometry(*verified[2:])}
+    missing = job.describe_with_features(str(tmp_path / "gone.jpg"), DedupConfig(), HashRecipe())
+    assert missing[2:] == (b"", None)
+    assert job.verify_pair((str(path), str(tmp_path / "gone.jpg"), 0), DedupConfig()) is None

@@ -548,5 +548,15 @@ def describe_bytes(
     Raises:
         kaedama.images.ImageError: the bytes are not a readable image.
     """
-    image = images.decode(data, max_pixels=max_pixels, draft=(DRAFT_SIZE, DRAFT_SIZE), uri=uri)
-    return descriptor(image)
+    return descriptor(decode_for_description(data, max_pixels=max_pixels, uri=uri))
+
+
+def decode_for_description(
+    data: bytes, *, max_pixels: int = images.DEFAULT_MAX_PIXELS, uri: str | None = None
+) -> Image.Image:
+    """The colour decode the second signals start from (reduced to >= DRAFT_SIZE a side).
+
+    Shared by :func:`describe_bytes` and the keypoint test
+    (:func:`kaedama.dedup.sameshot.features`), so one decode can serve both.
+    """
+    return images.decode(data, max_pixels=max_pixels, draft=(DRAFT_SIZE, DRAFT_SIZE), uri=uri)

@@ -48,10 +48,17 @@ from kaedama.dedup.decide import (
     with_descriptors,
 )
 from kaedama.dedup.hashcache import HashCache
-from kaedama.dedup.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
+from kaedama.dedup.hashing import (
+    HashRecipe,
+    ImageRecord,
+    decode_for_description,
+    describe_bytes,
+    descriptor,
+    hash_image_bytes,
+)
 from kaedama.dedup.neighbors import block_keys, pairs_in_bucket
 from kaedama.dedup.review import render_report, representatives, thumbnail_data_uri
-from kaedama.dedup.sameshot import Geometry
+from kaedama.dedup.sameshot import Features, Geometry
 from kaedama.errors import KaedamaError
 from kaedama.images import ImageError
 from kaedama.manifest import (
@@ -328,12 +335,10 @@ def _features(uri: str, max_bytes: int, max_pixels: int):
 def verify_pair(pair: Sequence[Any], config: DedupConfig) -> Verified | None:
     """The same-shot keypoint test of one candidate pair ``(uri_a, uri_b, ...)``.
 
-    Reads and decodes both files (a grayscale decode reduced to the feature size; the
-    features of the last few hundred images stay cached in the process). A file that
-    can no longer be read gives None: decide then treats the pair as unverified (logged).
+    Reads and decodes both files (the descriptor's reduced decode; the features of the
+    last few hundred images stay cached in the process). A file that can no longer be
+    read gives None: decide then treats the pair as unverified (logged).
     """
-    from kaedama.dedup import sameshot
-
     a, b = sorted(pair[:2])
     try:
         fa = _features(a, config.max_bytes, config.max_pixels)
@@ -341,12 +346,48 @@ def verify_pair(pair: Sequence[Any], config: DedupConfig) -> Verified | None:
     except (storage.StorageError, ImageError) as exc:
         log.warning("cannot verify %s ~ %s: %s", a, b, exc)
         return None
+    return match_pair(a, b, fa, fb)
+
+
+def match_pair(a: str, b: str, fa: Features | None, fb: Features | None) -> Verified | None:
+    """:func:`kaedama.dedup.sameshot.match` of two images' features; None if one is missing."""
+    from kaedama.dedup import sameshot
+
+    if fa is None or fb is None:
+        return None
     return (a, b, *sameshot.match(fa, fb).to_tuple())
 
 
 def geometry_of(verified: Iterable[Verified | None]) -> dict[tuple[str, str], Geometry]:
     """:func:`verify_pair` results as the mapping :func:`kaedama.dedup.decide.decide` takes."""
     return {(v[0], v[1]): Geometry(*v[2:]) for v in verified if v is not None}
+
+
+def describe_with_features(
+    uri: str, config: DedupConfig, recipe: HashRecipe, cache: HashCache | None = None
+) -> tuple[str, str, bytes, Features | None]:
+    """:func:`describe_file` plus the image's keypoint features, from one read and decode.
+
+    The in-process engine's path: its features equal :func:`verify_pair`'s (the same
+    decode), so both engines decide alike. A file that cannot be read or decoded gives
+    an empty descriptor and no features (logged).
+    """
+    from kaedama.dedup import sameshot
+
+    try:
+        data = read_limited(uri, config)
+    except storage.StorageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, "", b"", None
+    sha = hashlib.sha256(data).hexdigest()
+    hit = cache.get(sha, recipe) if cache is not None else None
+    try:
+        image = decode_for_description(data, max_pixels=config.max_pixels, uri=uri)
+    except ImageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, sha, b"", None
+    desc = hit.descriptor if hit is not None and hit.descriptor else descriptor(image)
+    return uri, sha, desc, sameshot.features_of_image(image)
 
 
 # --------------------------------------------------------------------------- pair search steps
@@ -752,8 +793,9 @@ def _describe_in_worker(uri: str) -> tuple[str, str, bytes]:
     return describe_file(uri, state["config"], state["recipe"], state["cache"])
 
 
-def _verify_in_worker(pair: tuple[str, str, int]) -> Verified | None:
-    return verify_pair(pair, _WORKER_STATE["config"])
+def _describe_with_features_in_worker(uri: str) -> tuple[str, str, bytes, Features | None]:
+    state = _WORKER_STATE
+    return describe_with_features(uri, state["config"], state["recipe"], state["cache"])
 
 
 class _PhaseClock:
@@ -813,15 +855,25 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         clock.lap(f"read + hash {len(items)} files in {processes} processes")
         near = find_candidate_pairs(records, config)
         uris = near_pair_uris(near)
-        descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
-        clock.lap(f"pair search + describe {len(uris)} candidate images")
+        chunk = max(1, len(uris) // 64)
         geometry = {}
         if config.verifies_keypoints:
-            # Pairs are sorted by URI, so chunks keep an image's pairs together and its
-            # features are computed once per process (verify_pair's cache).
-            verified = pool.map(_verify_in_worker, near, chunksize=max(1, len(near) // 16))
+            # One read and decode per image for both second signals; then each pair's
+            # match from the two images' features.
+            outs = pool.map(_describe_with_features_in_worker, uris, chunksize=chunk)
+            descriptors = [(uri, sha, desc) for uri, sha, desc, _ in outs]
+            found = {uri: feats for uri, _, _, feats in outs}
+            clock.lap(f"pair search + describe {len(uris)} candidate images (and keypoints)")
+            verified = pool.starmap(
+                match_pair,
+                [(a, b, found.get(a), found.get(b)) for a, b, _ in near],
+                chunksize=max(1, len(near) // 16),
+            )
             geometry = geometry_of(verified)
             clock.lap(f"same-shot keypoint test of {len(near)} candidate pairs")
+        else:
+            descriptors = pool.map(_describe_in_worker, uris, chunksize=chunk)
+            clock.lap(f"pair search + describe {len(uris)} candidate images")
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
         pairs = identical_file_pairs(records) + near
         result = decide(described, rejected, pairs, config, listed=len(items), geometry=geometry)
