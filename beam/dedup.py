@@ -77,6 +77,7 @@ from kaedama.dedup.job import (
     geometry_of,
     identical_pairs,
     list_chunks,
+    person_decisions,
     plan_copies,
     record_from_tuple,
     record_to_tuple,
@@ -379,6 +380,7 @@ def _decide(gathered: dict[str, list], config: DedupConfig) -> DedupResult:
         config,
         listed=sum(gathered["listed"]),
         geometry=geometry_of(gathered.get("geometry", [])),
+        decisions=person_decisions(config),
     )
 
 
@@ -574,6 +576,7 @@ def build_pipeline(
     """Add the dedup job to ``pipeline``; returns the single-element summary PCollection."""
     check_paths(paths)
     require_tools(config)
+    person_decisions(config)  # a bad decisions file fails before the job starts
     return pipeline | "Dedup" >> Dedup(paths, config)
 
 

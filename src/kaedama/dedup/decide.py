@@ -77,6 +77,7 @@ import numpy as np
 
 from kaedama import images
 from kaedama.config import ConfigError, config_to_dict
+from kaedama.dedup.decisions import Decision
 from kaedama.dedup.hashing import (
     DESCRIPTOR_BYTES,
     DESCRIPTOR_VERSION,
@@ -102,10 +103,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIRM_THRESHOLD = 0.80
 
 # Calibrated in bench/bench_pairs.py on the 271 Caltech-101 candidate pairs labelled by
-# eye (bench/sameshot_pairs.jsonl) and planted copies: 4% of the keypoints matched
-# exactly in place keeps ~95% of same-shot pairs and merges < 5% of different photos
-# (the descriptor alone merges ~24%: studio shots of one motorbike model in one pose).
-DEFAULT_KEYPOINT_THRESHOLD = 0.04
+# eye (bench/sameshot_pairs.jsonl) and planted copies: 5% of the keypoints matched
+# exactly in place keeps 95.7% of same-shot pairs and merges 4.1% of different photos
+# (the descriptor alone merges 23.6%: studio shots of one motorbike model in one pose).
+# Calibrated and measured on the same set: no held-out pairs.
+DEFAULT_KEYPOINT_THRESHOLD = 0.05
 # combined: below this many keypoints in either image (flat, blank, tiny) the keypoint
 # test has nothing to judge by and the descriptor decides.
 MIN_KEYPOINTS = 40
@@ -116,7 +118,7 @@ MIN_KEYPOINTS = 40
 MIN_COVERAGE = 0.01
 SAME_SHOT_METHODS = ("descriptor", "keypoints", "combined")
 
-REASONS = ("exact_duplicate", "near_duplicate", "label_conflict")
+REASONS = ("exact_duplicate", "near_duplicate", "label_conflict", "unwanted")
 
 
 # 256 MiB: far above any photo (a 100 MP JPEG is ~40 MB), far below a worker's memory.
@@ -195,6 +197,13 @@ class DedupConfig:
     )
     conflict_policy: Literal["drop_all", "majority", "review"] = field(
         default="drop_all", metadata={"help": "clusters spanning several labels"}
+    )
+    decisions: str = field(
+        default="",
+        metadata={
+            "help": "a decisions file downloaded from report.html (JSON keyed by sha256): "
+            "not a duplicate / keep / unwanted / relabel, applied on this run"
+        },
     )
     keep_gps: bool = field(
         default=False,
@@ -387,6 +396,7 @@ def _dedup_within_label(
     edges: list[tuple[int, int]],
     config: DedupConfig,
     decisions: list[_Decision],
+    keep: frozenset[int] | set[int] = frozenset(),
 ) -> list[int]:
     """Keep one image per connected group of ``members`` (one label); returns kept indices.
 
@@ -394,6 +404,7 @@ def _dedup_within_label(
     between any two files joins their contents. Candidate pairs name one file per
     content (the search pairs contents, not every copy), so an edge found between
     copies under another label still joins this label's copies of the same contents.
+    ``keep`` (a person's decision) wins its group and is never dropped.
     """
     local = {m: k for k, m in enumerate(members)}
     first_of_sha: dict[str, int] = {}
@@ -422,10 +433,12 @@ def _dedup_within_label(
             sha: min(ms, key=lambda m: _exact_order(recs[m], config.exact_keep))
             for sha, ms in shas.items()
         }
-        winner = min(reps.values(), key=lambda m: _near_order(recs[m], config.near_keep))
+        winner = min(
+            reps.values(), key=lambda m: (m not in keep, _near_order(recs[m], config.near_keep))
+        )
         kept.append(winner)
         for m in group:
-            if m == winner:
+            if m == winner or m in keep:
                 continue
             same_bytes = recs[m].sha256 == recs[winner].sha256
             decisions[m].status = "dropped"
@@ -535,6 +548,29 @@ def _confirm(
     return confirmed, scores
 
 
+def _action(rec: ImageRecord, person: Mapping[str, Decision]) -> str:
+    decision = person.get(rec.sha256)
+    return decision.action if decision is not None else ""
+
+
+def _kept_apart(a: ImageRecord, b: ImageRecord, person: Mapping[str, Decision]) -> bool:
+    """True when a person said one of the two is no duplicate (or unwanted altogether)."""
+    return bool({_action(a, person), _action(b, person)} & {"not_duplicate", "unwanted"})
+
+
+def _relabelled(
+    records: Iterable[ImageRecord], person: Mapping[str, Decision]
+) -> list[ImageRecord]:
+    """The records with a person's label decisions applied."""
+    out = []
+    for r in records:
+        decision = person.get(r.sha256)
+        if decision is not None and decision.action == "label" and decision.label != r.label:
+            r = replace(r, label=decision.label)
+        out.append(r)
+    return out
+
+
 def near_pair_uris(candidate_pairs: Iterable[tuple]) -> list[str]:
     """Sorted URIs of the images in candidate pairs: the ones to describe before deciding.
 
@@ -560,6 +596,7 @@ def decide(
     *,
     listed: int | None = None,
     geometry: Mapping[tuple[str, str], Geometry] | None = None,
+    decisions: Mapping[str, Decision] | None = None,
 ) -> DedupResult:
     """Decide kept/dropped for every image; see the module docstring for the rules.
 
@@ -575,6 +612,10 @@ def decide(
         geometry: the keypoint test of near pairs (:func:`kaedama.dedup.sameshot.match`),
             keyed by ``(uri_a, uri_b)`` with ``uri_a < uri_b``; used when
             ``config.same_shot`` is not ``descriptor``.
+        decisions: a person's decisions by sha256 (:mod:`kaedama.dedup.decisions`),
+            applied over the rules: relabels first, ``not_duplicate`` images join no
+            near pair, ``keep`` images stay kept (and are preferred within their
+            group), ``unwanted`` images are dropped. Their rows say ``decided``.
 
     Returns:
         The :class:`DedupResult`.
@@ -583,7 +624,8 @@ def decide(
         DedupError: a URI appears twice (other than as a ``duplicate_uri`` rejection),
             a pair names an unknown URI, or the counts do not add up to ``listed``.
     """
-    recs = sorted(records, key=lambda r: r.uri)
+    person = decisions or {}
+    recs = sorted(_relabelled(records, person), key=lambda r: r.uri)
     rej = sorted(rejected, key=lambda r: (r.uri, r.reason == DUPLICATE_URI, r.label))
     seen: set[str] = set()
     for uri in [r.uri for r in recs] + [r.uri for r in rej if r.reason != DUPLICATE_URI]:
@@ -596,11 +638,16 @@ def decide(
 
     pairs, sims = _candidates(candidate_pairs, recs, index, config)
     confirmed, scores = _confirm(pairs, sims, recs, config, geometry or {})
-    edges = [(i, j) for (i, j, _), ok in zip(pairs, confirmed, strict=True) if ok]
+    edges = [
+        (i, j)
+        for (i, j, _), ok in zip(pairs, confirmed, strict=True)
+        if ok and not _kept_apart(recs[i], recs[j], person)
+    ]
 
     by_sha: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(recs):
-        by_sha[r.sha256].append(i)
+        if _action(r, person) != "unwanted":  # unwanted images join nothing
+            by_sha[r.sha256].append(i)
     ea = [i for i, _ in edges] + [g[0] for g in by_sha.values() for _ in g[1:]]
     eb = [j for _, j in edges] + [o for g in by_sha.values() for o in g[1:]]
     comp = _components(n, np.array(ea, dtype=np.int64), np.array(eb, dtype=np.int64))
@@ -613,6 +660,8 @@ def decide(
     edges_of: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for i, j in edges:
         edges_of[components[i]].append((i, j))
+    decided = [person.get(r.sha256) for r in recs]
+    keep = {i for i, d in enumerate(decided) if d is not None and d.action == "keep"}
     decisions = [_Decision() for _ in range(n)]
     clusters: list[dict[str, Any]] = []
     for root, members in members_of.items():
@@ -626,12 +675,12 @@ def decide(
         kept: list[int] = []
         if len(labels) == 1:
             decision = "keep_one"
-            kept = _dedup_within_label(members, recs, cluster_edges, config, decisions)
+            kept = _dedup_within_label(members, recs, cluster_edges, config, decisions, keep)
         elif config.conflict_policy == "review":
             decision = "review"
             for label in sorted(labels):
                 subset = [m for m in members if recs[m].label == label]
-                kept += _dedup_within_label(subset, recs, cluster_edges, config, decisions)
+                kept += _dedup_within_label(subset, recs, cluster_edges, config, decisions, keep)
             for m in members:
                 decisions[m].extra["review"] = "label_conflict"
         else:
@@ -641,12 +690,13 @@ def decide(
             if config.conflict_policy == "majority" and not majority:
                 decision = "no_majority"
             for m in members:
-                if not majority or recs[m].label != top_label:
+                if (not majority or recs[m].label != top_label) and m not in keep:
                     decisions[m].status = "dropped"
                     decisions[m].reason = "label_conflict"
             if majority:
                 subset = [m for m in members if recs[m].label == top_label]
-                kept = _dedup_within_label(subset, recs, cluster_edges, config, decisions)
+                kept = _dedup_within_label(subset, recs, cluster_edges, config, decisions, keep)
+        kept = sorted(set(kept) | (keep & set(members)))
         clusters.append(
             {
                 "id": cid,
@@ -679,6 +729,13 @@ def decide(
                 "pairs": [],
             }
         )
+
+    for i, d in enumerate(decided):
+        if d is None:
+            continue
+        decisions[i].extra["decided"] = d.action
+        if d.action == "unwanted":
+            decisions[i].status, decisions[i].reason = "dropped", "unwanted"
 
     candidates_out = []
     pairs_by_cluster: dict[str, list[dict[str, Any]]] = defaultdict(list)

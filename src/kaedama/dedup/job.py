@@ -47,6 +47,8 @@ from kaedama.dedup.decide import (
     near_pair_uris,
     with_descriptors,
 )
+from kaedama.dedup.decisions import Decision
+from kaedama.dedup.decisions import load as load_decisions
 from kaedama.dedup.hashcache import HashCache
 from kaedama.dedup.hashing import (
     HashRecipe,
@@ -134,6 +136,15 @@ def require_tools(config: DedupConfig) -> None:
         from kaedama.dedup import sameshot
 
         sameshot.require()
+
+
+def person_decisions(config: DedupConfig) -> dict[str, Decision]:
+    """The decisions file named by ``config.decisions`` (empty without one).
+
+    Raises:
+        kaedama.dedup.decisions.DecisionsError: it cannot be read or is invalid.
+    """
+    return load_decisions(config.decisions) if config.decisions else {}
 
 
 def default_cache_uri(output: str, config: DedupConfig) -> str:
@@ -839,6 +850,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         )
     check_paths(paths)
     require_tools(config)
+    person = person_decisions(config)  # a bad file fails before any image is read
     clock = _PhaseClock()
     items = list_inputs(paths.input)
     cache = HashCache.load(paths.cache)
@@ -876,7 +888,15 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
             clock.lap(f"pair search + describe {len(uris)} candidate images")
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
         pairs = identical_file_pairs(records) + near
-        result = decide(described, rejected, pairs, config, listed=len(items), geometry=geometry)
+        result = decide(
+            described,
+            rejected,
+            pairs,
+            config,
+            listed=len(items),
+            geometry=geometry,
+            decisions=person,
+        )
         clock.lap("decide")
         thumbs = dict(
             pool.starmap(
