@@ -663,6 +663,11 @@ def decide(
     decided = [person.get(r.sha256) for r in recs]
     keep = {i for i, d in enumerate(decided) if d is not None and d.action == "keep"}
     decisions = [_Decision() for _ in range(n)]
+    for i, d in enumerate(decided):
+        if d is not None:
+            decisions[i].extra["decided"] = d.action
+            if d.action == "unwanted":  # joined no pair, so in no cluster
+                decisions[i].status, decisions[i].reason = "dropped", "unwanted"
     clusters: list[dict[str, Any]] = []
     for root, members in members_of.items():
         if len(members) < 2:
@@ -715,6 +720,7 @@ def decide(
                         "decision": decisions[m].status,
                         "reason": decisions[m].reason,
                         "duplicate_of": decisions[m].duplicate_of,
+                        **({"decided": decided[m].action} if decided[m] is not None else {}),
                     }
                     for m in members
                 ],
@@ -729,13 +735,6 @@ def decide(
                 "pairs": [],
             }
         )
-
-    for i, d in enumerate(decided):
-        if d is None:
-            continue
-        decisions[i].extra["decided"] = d.action
-        if d.action == "unwanted":
-            decisions[i].status, decisions[i].reason = "dropped", "unwanted"
 
     candidates_out = []
     pairs_by_cluster: dict[str, list[dict[str, Any]]] = defaultdict(list)
