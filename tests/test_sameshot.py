@@ -234,3 +234,26 @@ def test_both_engines_paths_give_the_same_features_and_descriptor(tmp_path, orig
     missing = job.describe_with_features(str(tmp_path / "gone.jpg"), DedupConfig(), HashRecipe())
     assert missing[2:] == (b"", None)
     assert job.verify_pair((str(path), str(tmp_path / "gone.jpg"), 0), DedupConfig()) is None
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGB", (1, 1)),
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (3, 2000, 3), dtype=np.uint8)),
+        Image.new("CMYK", (64, 64), (0, 50, 100, 0)),
+        Image.new("P", (64, 64)),
+    ],
+    ids=["1x1", "3x2000-strip", "flat-cmyk", "flat-palette"],
+)
+def test_degenerate_images_have_no_keypoints_and_fall_back(image):
+    data = jpeg(image.convert("RGB")) if image.mode == "CMYK" else _png(image)
+    geometry = sameshot.verify_bytes(data, data)
+    assert geometry == Geometry(0)
+    assert same_shot(1.0, geometry, DedupConfig()) == (True, None)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()

@@ -42,6 +42,8 @@ from kaedama.errors import KaedamaError
 # other resolutions become the same size (same feature scale). 256 px and 300 keypoints
 # judge the bench set as well as 384 px and 500 (bench/bench_pairs.py) at half the cost.
 FEATURE_SIDE = 256
+# Thinner normalised images have no keypoints (ORB's 31 px patches and 8-level pyramid).
+MIN_SIDE = 64
 # Keypoints kept per image (ORB keeps the strongest by Harris score).
 MAX_FEATURES = 300
 # ORB's scale pyramid (levels, factor 1.2 each): OpenCV's default. Both images are
@@ -154,13 +156,20 @@ def normalised_gray(image: Image.Image, side: int = FEATURE_SIDE) -> np.ndarray:
 
 
 def features_of_array(gray: np.ndarray) -> Features:
-    """ORB keypoints and descriptors of a grayscale ``uint8`` array."""
+    """ORB keypoints and descriptors of a grayscale ``uint8`` array.
+
+    An image thinner than :data:`MIN_SIDE` (a 3 x 2000 strip) has no keypoints: ORB
+    needs a border of its patch size, and its pyramid would shrink the image to nothing.
+    """
     cv2 = _cv2()
+    size = (gray.shape[1], gray.shape[0])
+    none = Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), size)
+    if min(size) < MIN_SIDE:
+        return none
     orb = cv2.ORB_create(nfeatures=MAX_FEATURES, nlevels=ORB_LEVELS)
     keypoints, descriptors = orb.detectAndCompute(gray, None)
-    size = (gray.shape[1], gray.shape[0])
     if descriptors is None or not keypoints:
-        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), size)
+        return none
     points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
     return Features(points, descriptors, size)
 
