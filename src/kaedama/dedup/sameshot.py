@@ -144,8 +144,9 @@ class Geometry:
 NO_GEOMETRY = Geometry(0)
 
 
-def normalised_gray(image: Image.Image, side: int = FEATURE_SIDE) -> np.ndarray:
-    """The image as grayscale ``uint8`` scaled to ``side`` pixels on its longest side."""
+def normalised_gray(image: Image.Image, side: int | None = None) -> np.ndarray:
+    """The image as grayscale ``uint8`` scaled to ``side`` (:data:`FEATURE_SIDE`) on its longest side."""
+    side = side or FEATURE_SIDE
     gray = image if image.mode == "L" else image.convert("L")
     width, height = gray.size
     scale = side / max(width, height)
