@@ -14,6 +14,8 @@ in a runner's UI)::
     NearCandidates  each distinct file under its t + 1 hash-block keys -> GroupByKey on
                     (block, shard) -> exact Hamming check per bucket
     Describe        the second signal, only for the images of candidate pairs
+    SameShot        the same-shot keypoint test of each candidate pair (same_shot
+                    keypoints/combined)
     Gather          records, rejected files, pairs and descriptors to one worker (one
                     shuffle)
     Decide          kaedama.dedup.decide over all of them
@@ -72,16 +74,20 @@ from kaedama.dedup.job import (
     describe_file,
     exact_groups,
     fingerprint_chunk,
+    geometry_of,
     identical_pairs,
     list_chunks,
+    person_decisions,
     plan_copies,
     record_from_tuple,
     record_to_tuple,
+    require_tools,
     sha_shards,
     shard_pairs,
     thumbnail,
     update_cache,
     uri_shard,
+    verify_pair,
     write_outputs,
 )
 from kaedama.errors import KaedamaError
@@ -411,6 +417,8 @@ def _decide(gathered: dict[str, list], config: DedupConfig) -> DedupResult:
         gathered["pairs"],
         config,
         listed=sum(gathered["listed"]),
+        geometry=geometry_of(gathered.get("geometry", [])),
+        decisions=person_decisions(config),
     )
 
 
@@ -533,13 +541,21 @@ class Dedup(beam.PTransform):
         pairs = (identical, near) | "AllPairs" >> beam.Flatten()
         # Counted where listed, apart from the rows, for the kept + dropped + rejected check.
         listed = inputs | "CountListed" >> beam.Map(len)
-        gathered = {
+        inputs = {
             "records": records,
             "rejected": rejected,
             "pairs": pairs,
             "descriptors": descriptors,
             "listed": listed,
-        } | "Gather" >> Gather()
+        }
+        if config.verifies_keypoints:
+            # Pairs spread over workers; each reads and matches its two images.
+            inputs["geometry"] = (
+                near
+                | "SpreadPairs" >> beam.Reshuffle()
+                | "SameShot" >> beam.Map(verify_pair, config)
+            )
+        gathered = inputs | "Gather" >> Gather()
         result = gathered | "Decide" >> Decide(config)
         return {"result": result, "gathered": gathered} | "WriteOutputs" >> WriteOutputs(
             self.paths, config
@@ -609,6 +625,8 @@ def build_pipeline(
     check_paths(paths)
     if branches < 1:
         raise DedupJobError(f"--branches must be at least 1, got {branches}")
+    require_tools(config)
+    person_decisions(config)  # a bad decisions file fails before the job starts
     return pipeline | "Dedup" >> Dedup(paths, config, branches)
 
 

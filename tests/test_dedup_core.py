@@ -131,7 +131,7 @@ def test_unconfirmed_candidates_do_not_cluster():
     result = run_local(records, [], DedupConfig())
     assert all(r.status == "kept" and r.cluster == "" for r in result.rows)
     assert result.clusters == []
-    ((a, b, dist, sim, ok),) = result.candidate_pairs
+    ((a, b, dist, sim, ok, _),) = result.candidate_pairs
     assert (a, b, dist, ok) == ("p/shoe/1.jpg", "p/shoe/2.jpg", 0, False)
     assert sim < DedupConfig().confirm_threshold
     assert result.summary["candidate_pairs"] == 1 and result.summary["confirmed_pairs"] == 0
@@ -233,7 +233,7 @@ def test_order_independence():
     rejected = [Rejected("o/l2/bad.png", "l2", "corrupt", "broken")]
     config = DedupConfig(conflict_policy="majority", threshold=2)
     reference = run_local(records, rejected, config)
-    pairs = [(a, b, d) for a, b, d, _, _ in reference.candidate_pairs]
+    pairs = [(a, b, d) for a, b, d, *_ in reference.candidate_pairs]
     for _ in range(4):
         shuffled = records[:]
         rng.shuffle(shuffled)

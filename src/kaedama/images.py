@@ -20,9 +20,12 @@ manifest records for rejected files.
 from __future__ import annotations
 
 import io
+import math
+import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -113,6 +116,24 @@ class ImageError(KaedamaError):
 
 
 @dataclass(frozen=True)
+class Exif:
+    """What a photo's EXIF header says about itself; empty fields were absent or unreadable.
+
+    Attributes:
+        taken: capture time, ISO 8601 (``2021-07-04T18:30:05``), with the UTC offset when
+            the file records one (``OffsetTimeOriginal``); ``DateTimeOriginal``, else
+            ``DateTime``.
+        make, model: the camera's maker and model, as recorded (trimmed, <= 64 chars).
+        gps: ``(latitude, longitude)`` in degrees, or None.
+    """
+
+    taken: str = ""
+    make: str = ""
+    model: str = ""
+    gps: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     """What the header says. ``width``/``height`` are after EXIF orientation, at full size."""
 
@@ -121,6 +142,7 @@ class ImageInfo:
     height: int
     mode: str
     frames: int
+    exif: Exif = field(default_factory=Exif)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -217,12 +239,84 @@ def _open(data: bytes, uri: str | None) -> Image.Image:
         raise _failure(exc, data, uri, "reading the header") from exc
 
 
+_EXIF_TIME = "%Y:%m:%d %H:%M:%S"
+_UTC_OFFSET = re.compile(r"[+-](0\d|1[0-4]):[0-5]\d")
+_TEXT_LIMIT = 64
+
+
+def _exif_text(value: object) -> str:
+    """A printable EXIF string (NULs and padding stripped, bounded), or ""."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return ""
+    text = "".join(c for c in value if c.isprintable()).strip()
+    return text[:_TEXT_LIMIT]
+
+
+def _exif_time(value: object, offset: object) -> str:
+    """EXIF ``YYYY:MM:DD HH:MM:SS`` as ISO 8601 (with a valid offset), or "" if invalid."""
+    try:
+        taken = datetime.strptime(_exif_text(value), _EXIF_TIME)
+    except ValueError:
+        return ""  # absent, "0000:00:00 00:00:00", or garbage
+    offset = _exif_text(offset)
+    return taken.isoformat() + (offset if _UTC_OFFSET.fullmatch(offset) else "")
+
+
+def _degrees(dms: object, ref: object, limit: float) -> float | None:
+    """EXIF (degrees, minutes, seconds) rationals and N/S/E/W to signed degrees."""
+    if not isinstance(dms, tuple) or len(dms) != 3:
+        return None
+    value = float(dms[0]) + float(dms[1]) / 60 + float(dms[2]) / 3600
+    if not math.isfinite(value) or value > limit:
+        return None
+    return round(-value if _exif_text(ref) in ("S", "W") else value, 6)
+
+
+def _exif(img: Image.Image) -> Exif:
+    """The EXIF facts of an opened image (header only). A damaged block gives what is readable.
+
+    Pillow parses the EXIF block once per image (the orientation reads it too).
+    """
+    try:
+        exif = img.getexif()
+        if not exif:
+            return Exif()
+        sub = exif.get_ifd(ExifTags.IFD.Exif)
+        taken = _exif_time(
+            sub.get(ExifTags.Base.DateTimeOriginal) or exif.get(ExifTags.Base.DateTime),
+            sub.get(ExifTags.Base.OffsetTimeOriginal),
+        )
+        make = _exif_text(exif.get(ExifTags.Base.Make))
+        model = _exif_text(exif.get(ExifTags.Base.Model))
+    except _DECODER_ERRORS:
+        return Exif()
+    try:
+        gps_ifd = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        lat = _degrees(
+            gps_ifd.get(ExifTags.GPS.GPSLatitude), gps_ifd.get(ExifTags.GPS.GPSLatitudeRef), 90
+        )
+        lon = _degrees(
+            gps_ifd.get(ExifTags.GPS.GPSLongitude), gps_ifd.get(ExifTags.GPS.GPSLongitudeRef), 180
+        )
+    except _DECODER_ERRORS:
+        lat = lon = None
+    gps = (lat, lon) if lat is not None and lon is not None else None
+    return Exif(taken, make, model, gps)
+
+
 def _info(img: Image.Image, orientation: int) -> ImageInfo:
     width, height = img.size
     if orientation in _SWAPS_AXES:
         width, height = height, width
     return ImageInfo(
-        format=img.format or "", width=width, height=height, mode=img.mode, frames=_frames(img)
+        format=img.format or "",
+        width=width,
+        height=height,
+        mode=img.mode,
+        frames=_frames(img),
+        exif=_exif(img),
     )
 
 

@@ -8,6 +8,11 @@ Modules, in the order the job uses them:
     fingerprints kept between runs, keyed by sha256 and hash recipe.
 ``neighbors``
     the exact Hamming-radius pair search.
+``sameshot``
+    the same-shot test of candidate pairs (ORB keypoints, RANSAC homography; OpenCV,
+    the ``clean`` extra, imported on first use).
+``decisions``
+    a person's decisions from the review page (a JSON file keyed by sha256).
 ``decide``
     the decisions (:class:`DedupConfig`, clusters, conflicts, manifest rows) and the
     Beam-free single-process run (:func:`run_local`).

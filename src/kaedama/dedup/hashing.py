@@ -434,7 +434,9 @@ class ImageRecord:
     """What the dedup stage knows about one readable image.
 
     ``descriptor`` (the second signal) is empty until :func:`describe_bytes` has been
-    run for the image: only images in candidate pairs need one.
+    run for the image: only images in candidate pairs need one. ``taken``, ``make``,
+    ``model`` and ``gps`` are what the EXIF header says (:class:`kaedama.images.Exif`;
+    ``gps`` only when asked for, since it is personal data).
     """
 
     uri: str
@@ -446,6 +448,10 @@ class ImageRecord:
     hash: int
     descriptor: bytes = b""
     mtime: float = 0.0
+    taken: str = ""
+    make: str = ""
+    model: str = ""
+    gps: tuple[float, float] | None = None
 
 
 def hash_decoded(image: Image.Image, recipe: HashRecipe) -> int:
@@ -468,6 +474,7 @@ def hash_image_bytes(
     mtime: float = 0.0,
     cache: FingerprintCache | None = None,
     describe: bool = False,
+    keep_gps: bool = False,
 ) -> ImageRecord:
     """Fingerprint one image's bytes with the shared decoder.
 
@@ -483,10 +490,12 @@ def hash_image_bytes(
         describe: also compute the second-signal descriptor (:func:`describe_bytes`).
             The dedup job leaves it for later and describes only the images that the
             hash search pairs up.
+        keep_gps: keep the EXIF GPS position (personal data: off unless asked for).
 
     Returns:
         The :class:`ImageRecord`; width/height are the full (EXIF-oriented) size. Its
-        descriptor is empty unless ``describe`` or the cache held one.
+        descriptor is empty unless ``describe`` or the cache held one. The EXIF facts
+        come from the header the decode reads (a cache hit reads the header alone).
 
     Raises:
         kaedama.images.ImageError: the bytes are not a readable image.
@@ -495,6 +504,7 @@ def hash_image_bytes(
     hit = cache.get(sha, recipe) if cache is not None else None
     if hit is not None:
         width, height, h, desc = hit
+        exif = images.probe(data, max_pixels=max_pixels, uri=uri).exif
     else:
         image, info = images.decode_with_info(
             data,
@@ -504,11 +514,26 @@ def hash_image_bytes(
             mode="L" if recipe.luma else "RGB",
         )
         width, height, h, desc = info.width, info.height, hash_decoded(image, recipe), b""
+        exif = info.exif
     if describe and not desc:
         desc = describe_bytes(data, max_pixels=max_pixels, uri=uri)
     if cache is not None and (hit is None or desc != hit.descriptor):
         cache.put(sha, recipe, width, height, h, desc)
-    return ImageRecord(uri, label, sha, len(data), width, height, h, desc, mtime)
+    return ImageRecord(
+        uri,
+        label,
+        sha,
+        len(data),
+        width,
+        height,
+        h,
+        desc,
+        mtime,
+        taken=exif.taken,
+        make=exif.make,
+        model=exif.model,
+        gps=exif.gps if keep_gps else None,
+    )
 
 
 def describe_bytes(
@@ -523,5 +548,15 @@ def describe_bytes(
     Raises:
         kaedama.images.ImageError: the bytes are not a readable image.
     """
-    image = images.decode(data, max_pixels=max_pixels, draft=(DRAFT_SIZE, DRAFT_SIZE), uri=uri)
-    return descriptor(image)
+    return descriptor(decode_for_description(data, max_pixels=max_pixels, uri=uri))
+
+
+def decode_for_description(
+    data: bytes, *, max_pixels: int = images.DEFAULT_MAX_PIXELS, uri: str | None = None
+) -> Image.Image:
+    """The colour decode the second signals start from (reduced to >= DRAFT_SIZE a side).
+
+    Shared by :func:`describe_bytes` and the keypoint test
+    (:func:`kaedama.dedup.sameshot.features`), so one decode can serve both.
+    """
+    return images.decode(data, max_pixels=max_pixels, draft=(DRAFT_SIZE, DRAFT_SIZE), uri=uri)

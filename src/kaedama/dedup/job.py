@@ -9,7 +9,8 @@ holds everything that is not wiring, so it never imports Apache Beam:
   reason it cannot, with a few threads per worker);
 * the distributed pair search's steps (:func:`sha_shards`, :func:`exact_groups`,
   :func:`identical_pairs`, :func:`block_shards`, :func:`shard_pairs`);
-* the second signal for the images of candidate pairs only (:func:`describe_file`);
+* the second signal for the images of candidate pairs only (:func:`describe_file`),
+  and the same-shot keypoint test of each candidate pair (:func:`verify_pair`);
 * the outputs (:func:`thumbnail`, :func:`update_cache`, :func:`plan_copies`,
   :func:`write_outputs`);
 * :func:`run_in_process`: the whole job on one machine with a pool of forked
@@ -31,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 from kaedama import storage
@@ -45,10 +47,20 @@ from kaedama.dedup.decide import (
     near_pair_uris,
     with_descriptors,
 )
+from kaedama.dedup.decisions import Decision
+from kaedama.dedup.decisions import load as load_decisions
 from kaedama.dedup.hashcache import HashCache
-from kaedama.dedup.hashing import HashRecipe, ImageRecord, describe_bytes, hash_image_bytes
+from kaedama.dedup.hashing import (
+    HashRecipe,
+    ImageRecord,
+    decode_for_description,
+    describe_bytes,
+    descriptor,
+    hash_image_bytes,
+)
 from kaedama.dedup.neighbors import block_keys, pairs_in_bucket
 from kaedama.dedup.review import render_report, representatives, thumbnail_data_uri
+from kaedama.dedup.sameshot import Features, Geometry
 from kaedama.errors import KaedamaError
 from kaedama.images import ImageError
 from kaedama.manifest import (
@@ -112,6 +124,27 @@ class JobPaths:
     cache: str = ""
     materialize: str = ""
     thumbnail_size: int = DEFAULT_THUMBNAIL
+
+
+def require_tools(config: DedupConfig) -> None:
+    """Fail before reading any file when the settings need a library that is missing.
+
+    Raises:
+        kaedama.dedup.sameshot.OpenCVMissingError: the keypoint test needs OpenCV.
+    """
+    if config.verifies_keypoints:
+        from kaedama.dedup import sameshot
+
+        sameshot.require()
+
+
+def person_decisions(config: DedupConfig) -> dict[str, Decision]:
+    """The decisions file named by ``config.decisions`` (empty without one).
+
+    Raises:
+        kaedama.dedup.decisions.DecisionsError: it cannot be read or is invalid.
+    """
+    return load_decisions(config.decisions) if config.decisions else {}
 
 
 def default_cache_uri(output: str, config: DedupConfig) -> str:
@@ -222,14 +255,21 @@ def fingerprint(
         return Rejected(uri, label, reason, LISTING_MESSAGES.get(reason, reason))
     try:
         data = read_limited(uri, config)
-        mtime = storage.stat(uri).mtime if config.exact_keep == "oldest" else 0.0
+        mtime = storage.stat(uri).mtime if config.needs_mtime else 0.0
     except storage.TooLargeError as exc:
         return Rejected(uri, label, TOO_LARGE, str(exc), exc.size or 0)
     except storage.StorageError as exc:
         return Rejected(uri, label, UNREADABLE, str(exc))
     try:
         return hash_image_bytes(
-            uri, label, data, recipe, max_pixels=config.max_pixels, mtime=mtime, cache=cache
+            uri,
+            label,
+            data,
+            recipe,
+            max_pixels=config.max_pixels,
+            mtime=mtime,
+            cache=cache,
+            keep_gps=config.keep_gps,
         )
     except ImageError as exc:
         return Rejected(uri, label, exc.reason, exc.message, len(data))
@@ -289,6 +329,78 @@ def describe_file(
         return uri, sha, b""
 
 
+# One candidate pair's keypoint test as plain values: (uri_a, uri_b, keypoints, matches,
+# inliers, exact, coverage), uri_a < uri_b (see kaedama.dedup.sameshot.Geometry).
+Verified = tuple[str, str, int, int, int, int, float]
+
+
+@lru_cache(maxsize=256)
+def _features(uri: str, max_bytes: int, max_pixels: int):
+    """ORB features of one file, kept per process: an image is often in several pairs."""
+    from kaedama.dedup import sameshot  # OpenCV loads only where pairs are verified
+
+    data = storage.read_bytes(uri, max_bytes=max_bytes)
+    return sameshot.features(data, max_pixels=max_pixels, uri=uri)
+
+
+def verify_pair(pair: Sequence[Any], config: DedupConfig) -> Verified | None:
+    """The same-shot keypoint test of one candidate pair ``(uri_a, uri_b, ...)``.
+
+    Reads and decodes both files (the descriptor's reduced decode; the features of the
+    last few hundred images stay cached in the process). A file that can no longer be
+    read gives None: decide then treats the pair as unverified (logged).
+    """
+    a, b = sorted(pair[:2])
+    try:
+        fa = _features(a, config.max_bytes, config.max_pixels)
+        fb = _features(b, config.max_bytes, config.max_pixels)
+    except (storage.StorageError, ImageError) as exc:
+        log.warning("cannot verify %s ~ %s: %s", a, b, exc)
+        return None
+    return match_pair(a, b, fa, fb)
+
+
+def match_pair(a: str, b: str, fa: Features | None, fb: Features | None) -> Verified | None:
+    """:func:`kaedama.dedup.sameshot.match` of two images' features; None if one is missing."""
+    from kaedama.dedup import sameshot
+
+    if fa is None or fb is None:
+        return None
+    return (a, b, *sameshot.match(fa, fb).to_tuple())
+
+
+def geometry_of(verified: Iterable[Verified | None]) -> dict[tuple[str, str], Geometry]:
+    """:func:`verify_pair` results as the mapping :func:`kaedama.dedup.decide.decide` takes."""
+    return {(v[0], v[1]): Geometry(*v[2:]) for v in verified if v is not None}
+
+
+def describe_with_features(
+    uri: str, config: DedupConfig, recipe: HashRecipe, cache: HashCache | None = None
+) -> tuple[str, str, bytes, Features | None]:
+    """:func:`describe_file` plus the image's keypoint features, from one read and decode.
+
+    The in-process engine's path: its features equal :func:`verify_pair`'s (the same
+    decode), so both engines decide alike. A file that cannot be read or decoded gives
+    an empty descriptor and no features (logged).
+    """
+    from kaedama.dedup import sameshot
+
+    try:
+        data = read_limited(uri, config)
+    except storage.StorageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, "", b"", None
+    sha = hashlib.sha256(data).hexdigest()
+    hit = cache.get(sha, recipe) if cache is not None else None
+    try:
+        image = decode_for_description(data, max_pixels=config.max_pixels, uri=uri)
+    except ImageError as exc:
+        log.warning("cannot describe %s: %s", uri, exc)
+        return uri, sha, b"", None
+    desc = hit.descriptor if hit is not None and hit.descriptor else descriptor(image)
+    return uri, sha, desc, sameshot.features_of_image(image)
+
+
 # --------------------------------------------------------------------------- pair search steps
 
 # Buckets up to this many distinct hashes are verified pair by pair in Python.
@@ -305,8 +417,11 @@ SHARDS = 16
 Group = tuple[str, str, tuple[str, ...]]
 
 # An ImageRecord as plain values for the same reason (a dataclass is pickled element by
-# element): (uri, label, sha256, bytes, width, height, hash hex, descriptor, mtime).
-RecordTuple = tuple[str, str, str, int, int, int, str, bytes, float]
+# element): (uri, label, sha256, bytes, width, height, hash hex, descriptor, mtime,
+# taken, make, model, gps as () or (latitude, longitude)).
+RecordTuple = tuple[
+    str, str, str, int, int, int, str, bytes, float, str, str, str, tuple[float, ...]
+]
 
 
 def record_to_tuple(r: ImageRecord) -> RecordTuple:
@@ -321,13 +436,31 @@ def record_to_tuple(r: ImageRecord) -> RecordTuple:
         format(r.hash, "x"),
         r.descriptor,
         r.mtime,
+        r.taken,
+        r.make,
+        r.model,
+        tuple(r.gps) if r.gps else (),
     )
 
 
 def record_from_tuple(t: RecordTuple) -> ImageRecord:
     """Inverse of :func:`record_to_tuple`."""
-    uri, label, sha, size, width, height, hx, desc, mtime = t
-    return ImageRecord(uri, label, sha, size, width, height, int(hx, 16), desc, mtime)
+    uri, label, sha, size, width, height, hx, desc, mtime, taken, make, model, gps = t
+    return ImageRecord(
+        uri,
+        label,
+        sha,
+        size,
+        width,
+        height,
+        int(hx, 16),
+        desc,
+        mtime,
+        taken=taken,
+        make=make,
+        model=model,
+        gps=(gps[0], gps[1]) if gps else None,
+    )
 
 
 def uri_shard(uri: str) -> int:
@@ -450,8 +583,15 @@ def _jsonl(items: Iterable[Any]) -> str:
 
 
 def _candidate_json(pair: Sequence[Any]) -> dict[str, Any]:
-    a, b, dist, sim, ok = pair
-    return {"a": a, "b": b, "distance": dist, "similarity": sim, "confirmed": ok}
+    a, b, dist, sim, ok, keypoints = pair
+    return {
+        "a": a,
+        "b": b,
+        "distance": dist,
+        "similarity": sim,
+        "keypoints": keypoints,
+        "confirmed": ok,
+    }
 
 
 def _rejected_json(row) -> dict[str, Any]:
@@ -664,6 +804,11 @@ def _describe_in_worker(uri: str) -> tuple[str, str, bytes]:
     return describe_file(uri, state["config"], state["recipe"], state["cache"])
 
 
+def _describe_with_features_in_worker(uri: str) -> tuple[str, str, bytes, Features | None]:
+    state = _WORKER_STATE
+    return describe_with_features(uri, state["config"], state["recipe"], state["cache"])
+
+
 class _PhaseClock:
     """Logs how long each phase of the in-process engine took (where the time goes)."""
 
@@ -704,6 +849,8 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
             "(without --in-process) for gs:// inputs or outputs"
         )
     check_paths(paths)
+    require_tools(config)
+    person = person_decisions(config)  # a bad file fails before any image is read
     clock = _PhaseClock()
     items = list_inputs(paths.input)
     cache = HashCache.load(paths.cache)
@@ -720,11 +867,36 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         clock.lap(f"read + hash {len(items)} files in {processes} processes")
         near = find_candidate_pairs(records, config)
         uris = near_pair_uris(near)
-        descriptors = pool.map(_describe_in_worker, uris, chunksize=max(1, len(uris) // 64))
-        clock.lap(f"pair search + describe {len(uris)} candidate images")
+        chunk = max(1, len(uris) // 64)
+        geometry = {}
+        if config.verifies_keypoints:
+            # One read and decode per image for both second signals; then each pair's
+            # match from the two images' features.
+            outs = pool.map(_describe_with_features_in_worker, uris, chunksize=chunk)
+            descriptors = [(uri, sha, desc) for uri, sha, desc, _ in outs]
+            found = {uri: feats for uri, _, _, feats in outs}
+            clock.lap(f"pair search + describe {len(uris)} candidate images (and keypoints)")
+            verified = pool.starmap(
+                match_pair,
+                [(a, b, found.get(a), found.get(b)) for a, b, _ in near],
+                chunksize=max(1, len(near) // 16),
+            )
+            geometry = geometry_of(verified)
+            clock.lap(f"same-shot keypoint test of {len(near)} candidate pairs")
+        else:
+            descriptors = pool.map(_describe_in_worker, uris, chunksize=chunk)
+            clock.lap(f"pair search + describe {len(uris)} candidate images")
         described = with_descriptors(records, {uri: desc for uri, _, desc in descriptors})
         pairs = identical_file_pairs(records) + near
-        result = decide(described, rejected, pairs, config, listed=len(items))
+        result = decide(
+            described,
+            rejected,
+            pairs,
+            config,
+            listed=len(items),
+            geometry=geometry,
+            decisions=person,
+        )
         clock.lap("decide")
         thumbs = dict(
             pool.starmap(

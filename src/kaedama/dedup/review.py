@@ -10,9 +10,12 @@ it works for ``gs://`` datasets and can be mailed around.
 Layout: a summary (counts by status and reason, per label before/after), then one
 ``<section class="cluster" data-cluster="ID">`` per cluster, label conflicts first,
 then larger clusters first; each shows its images as thumbnails with label, URI, size
-and decision, and the candidate pairs with distance, similarity and whether they were
+and decision, and the candidate pairs with distance, similarity, keypoint score and whether they were
 confirmed. Every string from the data (labels and URIs are untrusted and often
-unicode) is HTML-escaped. The page has no scripts and loads nothing from elsewhere.
+unicode) is HTML-escaped. The page loads nothing from elsewhere; its one static script
+is the review loop: each image has actions (not a duplicate, keep this, unwanted, set
+label), and "Download decisions" saves them as the file that ``kaedama dedup
+--decisions`` applies on the next run (:mod:`kaedama.dedup.decisions`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,71 @@ figure.dropped{outline:3px solid #aaa;opacity:.85}
 .uri{word-break:break-all;color:#555}
 .label{font-weight:bold}
 details{margin-top:.4rem}
+.act{display:flex;flex-wrap:wrap;gap:.2rem;margin-top:.3rem}
+.act button{font-size:.7rem;padding:.05rem .3rem}
+.act input{font-size:.7rem;width:6rem}
+figure[data-decided]:not([data-decided=""]){box-shadow:0 0 0 3px #2980b9}
+#decisions{position:sticky;top:0;background:#fff;padding:.3rem 0;z-index:1}
 """
+
+# The review loop's only script: it records a person's actions by sha256 and downloads
+# them as the decisions file that ``kaedama dedup --decisions`` applies. Static text:
+# every value it handles comes from data-* attributes, never from the page's data
+# spliced into code.
+_SCRIPT = """
+const decisions = {};
+function show(figure, sha) {
+  const d = decisions[sha];
+  figure.dataset.decided = d ? d.action : "";
+  figure.querySelector(".chosen").textContent =
+    d ? (d.action === "label" ? "label: " + d.label : d.action.replace("_", " ")) : "";
+  document.getElementById("decision-count").textContent = Object.keys(decisions).length;
+}
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-action]");
+  if (!button) return;
+  const figure = button.closest("figure[data-sha256]");
+  const sha = figure.dataset.sha256;
+  const action = button.dataset.action;
+  if (action === "label") {
+    const label = figure.querySelector("input.relabel").value.trim();
+    if (!label) return;
+    decisions[sha] = {action: "label", label: label};
+  } else if (decisions[sha] && decisions[sha].action === action) {
+    delete decisions[sha];
+  } else {
+    decisions[sha] = {action: action};
+  }
+  document.querySelectorAll("figure[data-sha256]").forEach((f) => {
+    if (f.dataset.sha256 === sha) show(f, sha);
+  });
+});
+document.getElementById("download-decisions").addEventListener("click", () => {
+  const body = JSON.stringify({kaedama_decisions: 1, decisions: decisions}, null, 2);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([body + "\\n"], {type: "application/json"}));
+  link.download = "decisions.json";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+});
+"""
+
+_ACTIONS_HTML = (
+    "<div class='act'>"
+    "<button type='button' data-action='not_duplicate'>not a duplicate</button>"
+    "<button type='button' data-action='keep'>keep this</button>"
+    "<button type='button' data-action='unwanted'>unwanted</button>"
+    "<input class='relabel' placeholder='label' aria-label='new label'>"
+    "<button type='button' data-action='label'>set label</button>"
+    "<span class='chosen'></span></div>"
+)
+
+_DECISIONS_BAR = (
+    "<div id='decisions'><button type='button' id='download-decisions'>Download decisions "
+    "(<span id='decision-count'>0</span>)</button> then run <code>kaedama dedup SRC --out "
+    "DST --decisions decisions.json</code></div>"
+)
 
 
 def thumbnail_data_uri(
@@ -190,10 +257,15 @@ def _member_html(
         lines.append(
             f"<div>duplicate of <span class='uri'>{_e(member['duplicate_of'])}</span>{dist}</div>"
         )
+    if member.get("decided"):
+        lines.append(f"<div class='decided'>decided: {_e(member['decided'])}</div>")
     count = f" data-count='{len(group)}'" if len(group) > 1 else ""
+    sha = member.get("sha256", "")
+    actions = f" data-sha256='{_e(sha)}' data-decided=''" if sha else ""
     return (
-        f"<figure class='member {_e(status)}' data-uri='{_e(uri)}'{count}>{img}"
-        f"<figcaption>{''.join(lines)}{_copies_html(group)}</figcaption></figure>"
+        f"<figure class='member {_e(status)}' data-uri='{_e(uri)}'{count}{actions}>{img}"
+        f"<figcaption>{''.join(lines)}{_copies_html(group)}"
+        f"{_ACTIONS_HTML if sha else ''}</figcaption></figure>"
     )
 
 
@@ -210,17 +282,24 @@ def _pairs_html(cluster: Mapping[str, Any]) -> str:
         opened = " open" if len(pairs) <= _OPEN_PAIRS else ""
         parts.append(
             f"<details{opened}><summary>{len(pairs)} candidate pair(s)</summary><table>"
-            "<tr><th>a</th><th>b</th><th>distance</th><th>similarity</th><th>confirmed</th></tr>"
+            "<tr><th>a</th><th>b</th><th>distance</th><th>similarity</th><th>keypoints</th>"
+            "<th>confirmed</th></tr>"
         )
         for p in pairs:
             parts.append(
                 f"<tr><td class='uri'>{_e(p['a'])}</td><td class='uri'>{_e(p['b'])}</td>"
                 f"<td class='num'>{_e(p['distance'])}</td>"
                 f"<td class='num'>{_e(p.get('similarity', ''))}</td>"
+                f"<td class='num'>{_e(_or_blank(p.get('keypoints')))}</td>"
                 f"<td>{'yes' if p.get('confirmed') else 'no'}</td></tr>"
             )
         parts.append("</table></details>")
     return "".join(parts)
+
+
+def _or_blank(value: Any) -> Any:
+    """A missing score (the test did not judge the pair) shows as an empty cell."""
+    return "" if value is None else value
 
 
 def _cluster_html(cluster: Mapping[str, Any], thumbnail: Callable[[str], str | None]) -> str:
@@ -318,7 +397,8 @@ def render_report(
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1>{_summary_html(summary)}"
         f"<h2 id='clusters'>{len(ordered)} cluster(s), {conflicts} with label conflicts</h2>"
-        f"{body}{_rejected_html(rows)}</body></html>\n"
+        f"{_DECISIONS_BAR if ordered else ''}{body}{_rejected_html(rows)}"
+        f"{f'<script>{_SCRIPT}</script>' if ordered else ''}</body></html>\n"
     )
 
 
