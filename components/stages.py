@@ -21,6 +21,8 @@ from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 DEFAULT_IMAGE = "ghcr.io/kaedama/kaedama:0.1.0"
+# torch steps run in the training image (CUDA, torch, timm; kfp for the KFP executor).
+DEFAULT_TRAIN_IMAGE = "ghcr.io/kaedama/kaedama-train:0.1.0"
 
 
 def dedup(
@@ -215,21 +217,25 @@ def deploy(
     return f"{name}.{namespace}"
 
 
+# Stage -> (component function, runs in the training image).
 STAGES = {
-    "dedup": dedup,
-    "split": split,
-    "train": train,
-    "evaluate": evaluate,
-    "export": export,
-    "deploy": deploy,
+    "dedup": (dedup, False),
+    "split": (split, False),
+    "train": (train, True),
+    "evaluate": (evaluate, True),
+    "export": (export, True),
+    "deploy": (deploy, False),
 }
 
 
-def build(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
-    """The components, running in ``image`` (the kaedama job image, kfp included)."""
+def build(image: str = DEFAULT_IMAGE, train_image: str = DEFAULT_TRAIN_IMAGE) -> SimpleNamespace:
+    """The components: light steps in ``image`` (the kaedama job image), torch steps in
+    ``train_image``; both hold kfp, so nothing is installed when a task starts."""
     return SimpleNamespace(
         **{
-            name: dsl.component(func, base_image=image, install_kfp_package=False)
-            for name, func in STAGES.items()
+            name: dsl.component(
+                func, base_image=train_image if heavy else image, install_kfp_package=False
+            )
+            for name, (func, heavy) in STAGES.items()
         }
     )

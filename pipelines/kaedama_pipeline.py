@@ -16,7 +16,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from components.stages import DEFAULT_IMAGE, build
+from components.stages import DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE, build
 
 PIPELINE_NAME = "kaedama"
 
@@ -31,9 +31,9 @@ class Outputs(NamedTuple):
     exported: Model
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable:
-    """The pipeline function, its components in ``image``."""
-    c = build(image)
+def build_pipeline(image: str = DEFAULT_IMAGE, train_image: str = DEFAULT_TRAIN_IMAGE) -> Callable:
+    """The pipeline function: light steps in ``image``, torch steps in ``train_image``."""
+    c = build(image, train_image)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -77,7 +77,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable:
             gpus=gpus,
             nodes=nodes,
             namespace=namespace,
-            image=image,
+            image=train_image,
             options=train_options,
         ).set_display_name("train")
         evaluated = c.evaluate(

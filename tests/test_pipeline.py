@@ -19,6 +19,7 @@ from tests.k8s import validate_crd
 
 GOLDEN = Path(__file__).parent / "golden" / "kaedama_pipeline.yaml"
 IMAGE = "registry.example.com/kaedama:golden"
+TRAIN_IMAGE = "registry.example.com/kaedama-train:golden"
 
 
 def _without_sdk_version(text: str) -> str:
@@ -27,7 +28,8 @@ def _without_sdk_version(text: str) -> str:
 
 def test_compiled_pipeline_equals_the_golden_file(tmp_path):
     out = tmp_path / "pipeline.yaml"
-    assert cli.main(["pipeline", "compile", "--out", str(out), "--image", IMAGE]) == 0
+    args = ["--out", str(out), "--image", IMAGE, "--train-image", TRAIN_IMAGE]
+    assert cli.main(["pipeline", "compile", *args]) == 0
     if os.environ.get("KAEDAMA_UPDATE_GOLDEN"):
         GOLDEN.write_text(out.read_text())
     # Compare everything but the SDK's version line: a change in any step shows here.
@@ -39,7 +41,17 @@ def test_compiled_pipeline_equals_the_golden_file(tmp_path):
 def test_compiled_pipeline_runs_every_step_in_the_image_and_gates_deploy():
     spec = yaml.safe_load(GOLDEN.read_text())
     executors = spec["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
+    image_of = {
+        name.removeprefix("exec-"): e["container"]["image"] for name, e in executors.items()
+    }
+    assert image_of == {
+        "dedup": IMAGE,
+        "split": IMAGE,
+        "deploy": IMAGE,
+        "train": TRAIN_IMAGE,
+        "evaluate": TRAIN_IMAGE,
+        "export": TRAIN_IMAGE,
+    }
     # Nothing is pip-installed when a task starts: the image holds kaedama and kfp.
     for e in executors.values():
         assert "pip install" not in " ".join(e["container"].get("command", []))

@@ -2,7 +2,8 @@
 
 ::
 
-    kaedama pipeline compile --out kaedama.yaml --image REGISTRY/kaedama:TAG
+    kaedama pipeline compile --out kaedama.yaml --image REGISTRY/kaedama:TAG \
+        --train-image REGISTRY/kaedama-train:TAG
     kaedama pipeline submit --host https://kfp.example.com --experiment pets \\
         --param data_uri=gs://b/photos --param epochs=20 --image REGISTRY/kaedama:TAG
     kaedama pipeline run-local --param data_uri=./photos --root out/pipeline
@@ -26,6 +27,7 @@ from kaedama.errors import KaedamaError
 
 HELP = "Compile, submit or run locally the Kubeflow pipeline (dedup -> ... -> deploy)."
 DEFAULT_IMAGE = "ghcr.io/kaedama/kaedama:0.1.0"
+DEFAULT_TRAIN_IMAGE = "ghcr.io/kaedama/kaedama-train:0.1.0"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--image",
             default=DEFAULT_IMAGE,
-            help=f"the kaedama job image every step runs in (default: {DEFAULT_IMAGE})",
+            help=f"the image of the light steps: dedup, split, deploy (default: {DEFAULT_IMAGE})",
+        )
+        p.add_argument(
+            "--train-image",
+            default=DEFAULT_TRAIN_IMAGE,
+            help="the image of the torch steps: train (and its TrainJob), evaluate, export "
+            f"(default: {DEFAULT_TRAIN_IMAGE})",
         )
 
     def params(p: argparse.ArgumentParser) -> None:
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise KaedamaError(
             f"the pipeline needs the Kubeflow Pipelines SDK ({exc}): pip install 'kaedama[kfp]'"
         ) from exc
-    pipeline = build_pipeline(args.image)
+    pipeline = build_pipeline(args.image, args.train_image)
     if args.action == "compile":
         compiler.Compiler().compile(pipeline, args.out)
         print(f"wrote {args.out}")
