@@ -24,7 +24,7 @@ def small_server(serving_model):
         yield proc
 
 
-async def _single_attempts(url: str, images: list[bytes]) -> list[tuple[int, dict, dict]]:
+async def _single_attempts(url: str, images: list[bytes]) -> list[tuple]:
     """One POST per image, all at once: ``(status, headers, JSON body)`` each."""
     import aiohttp
 
@@ -32,7 +32,7 @@ async def _single_attempts(url: str, images: list[bytes]) -> list[tuple[int, dic
 
         async def one(data: bytes):
             async with http.post(url + "/predict", data=data) as r:
-                return r.status, dict(r.headers), await r.json()
+                return r.status, r.headers.copy(), await r.json()
 
         return await asyncio.gather(*(one(b) for b in images))
 
