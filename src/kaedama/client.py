@@ -125,6 +125,10 @@ class PredictError(KaedamaError):
         self.reason = reason
         self.attempts = attempts
 
+    def __str__(self) -> str:
+        # The retry loop appends why it stopped to ``message`` after construction.
+        return f"{self.source}: {self.message}"
+
 
 @dataclass(frozen=True)
 class Prediction:
