@@ -23,8 +23,8 @@ from kaedama.client import (
     AsyncClient,
     Client,
     ClientConfig,
-    Prediction,
     PredictError,
+    Prediction,
     RetryBudget,
     _Attempts,
     retry_after_seconds,
@@ -174,7 +174,7 @@ def test_backoff_is_full_jitter_under_a_growing_capped_ceiling():
     for attempt, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)]:
         attempts.attempt = attempt
         draws = [attempts._backoff() for _ in range(400)]
-        assert 0 <= min(draws) and max(draws) <= ceiling
+        assert min(draws) >= 0 and max(draws) <= ceiling
         assert max(draws) > 0.8 * ceiling and min(draws) < 0.2 * ceiling  # the whole range
 
 
