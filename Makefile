@@ -48,6 +48,7 @@ bench: $(VENV)/.dev-installed
 	$(BENCH) bench/bench_dedup.py --repeats 3 --breakdown
 	$(BENCH) bench/bench_train.py throughput --models resnet18 efficientnet_b0 --runs 3
 	$(BENCH) bench/bench_train.py pipeline --runs 3
+	$(BENCH) bench/bench_serve.py all
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -252,7 +252,10 @@ def hey_loop(url: str, body: bytes, content_type: str, concurrency: int, n: int)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = re.search(r"50% in ([\d.]+) secs", out)
     p99 = re.search(r"99% in ([\d.]+) secs", out)
-    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    codes = {k: int(v) for k, v in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    errors = sum(int(x) for x in re.findall(r"^\s+\[(\d+)\]\s+(?:Post|Get) ", out, re.M))
+    if errors:
+        codes["transport_errors"] = errors
     return {
         "req_per_s": round(rps, 2),
         "p50_ms": round(1000 * float(p50.group(1)), 1) if p50 else None,
