@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import httpx
@@ -423,8 +423,6 @@ class Client(_Base):
         workers = concurrency or self.config.concurrency
         with _progress(len(images), progress) as bar, ThreadPoolExecutor(workers) as pool:
             futures = {pool.submit(one, item): i for i, item in enumerate(images)}
-            from concurrent.futures import as_completed
-
             for future in as_completed(futures):
                 i = futures[future]
                 results[i] = future.result()
