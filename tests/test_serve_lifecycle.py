@@ -21,7 +21,9 @@ from tests.plugins.serving import REPO, run_server
 
 def test_ready_only_after_load_and_warm_up(serving_model, serving_images):
     # Many warm-up batches keep the model loading long enough to look at it.
-    with run_server(serving_model, wait_ready=False, warmup_batches=40) as server:
+    with run_server(
+        serving_model, wait_ready=False, warmup_batches=40, max_batch_size=32
+    ) as server:
         server.wait_live()
         ready = httpx.get(server.url + "/v2/health/ready")
         assert ready.status_code == 503 and "Retry-After" in ready.headers
