@@ -49,6 +49,7 @@ bench: $(VENV)/.dev-installed
 	$(BENCH) bench/bench_dedup.py --repeats 3 --breakdown
 	$(BENCH) bench/bench_train.py throughput --models resnet18 efficientnet_b0 --runs 3
 	$(BENCH) bench/bench_train.py pipeline --runs 3
+	$(BENCH) bench/bench_serve.py all
 
 # One image per folder in images/ (see images/README.md), built from the repository root and
 # pushed as $(REGISTRY)/kaedama[-NAME]:$(TAG). PUSH=0 builds only.

@@ -21,7 +21,9 @@ from tests.plugins.serving import REPO, run_server
 
 def test_ready_only_after_load_and_warm_up(serving_model, serving_images):
     # Many warm-up batches keep the model loading long enough to look at it.
-    with run_server(serving_model, wait_ready=False, warmup_batches=40) as server:
+    with run_server(
+        serving_model, wait_ready=False, warmup_batches=40, max_batch_size=32
+    ) as server:
         server.wait_live()
         ready = httpx.get(server.url + "/v2/health/ready")
         assert ready.status_code == 503 and "Retry-After" in ready.headers
@@ -70,11 +72,11 @@ def test_altered_artifact_stops_the_server(serving_model, tmp_path):
 
 
 def _big_png(seed: int) -> bytes:
-    """A smooth 2000 px PNG: small to send, slow to decode (no reduced decode for PNG)."""
+    """A smooth 1200 px PNG: small to send, slow to decode (no reduced decode for PNG)."""
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
     buf = io.BytesIO()
-    coarse.resize((2000, 2000), Image.Resampling.BICUBIC).save(buf, "PNG")
+    coarse.resize((1200, 1200), Image.Resampling.BICUBIC).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -86,7 +88,7 @@ def _queue_depth(url: str) -> float:
 
 
 def test_sigterm_finishes_every_accepted_request(serving_model):
-    n = 40
+    n = 32
     images = [_big_png(i) for i in range(4)]
     with run_server(serving_model, max_batch_size=4, max_queue=64, decode_threads=1) as server:
         results: list[int | str] = [0] * n

@@ -283,9 +283,15 @@ class Service:
         admitted = time.monotonic()
         try:
             names = ["the image"] if n == 1 else [f"input element {i}" for i in range(n)]
-            arrays = await asyncio.gather(
-                *(self._preprocess(data, name) for data, name in zip(images, names, strict=True))
+            # Every decode finishes (none outlives its admission), then the first error wins.
+            decoded = await asyncio.gather(
+                *(self._preprocess(data, name) for data, name in zip(images, names, strict=True)),
+                return_exceptions=True,
             )
+            for item in decoded:
+                if isinstance(item, BaseException):
+                    raise item
+            arrays: list[np.ndarray] = list(decoded)  # type: ignore[arg-type]
             assert self.batcher is not None
             outs = await asyncio.gather(
                 *(self.batcher.submit(a, features=features, admitted=admitted) for a in arrays)

@@ -47,11 +47,14 @@ class Shed(Exception):
 
 
 class DrainMeter:
-    """Seconds per image while the service is busy (an EWMA over batches).
+    """Seconds per image when the service is saturated (an EWMA over saturated batches).
 
     A batch's service time runs from the later of the previous batch's end and its
     earliest image's admission to its own end: idle gaps between bursts do not
-    count, decoding in parallel with inference does.
+    count, decoding in parallel with inference does. Only batches run at
+    saturation (full, or with images still waiting) count: a trickle of batches of
+    one measures the arrival rate, not what the server can drain, and would make
+    the hints longer, the trickle thinner, and the estimate worse still.
     """
 
     def __init__(self, seconds_per_image: float, *, alpha: float = 0.2) -> None:
@@ -61,11 +64,11 @@ class DrainMeter:
         self._promised = 0.0
         self._promised_at = time.monotonic()
 
-    def observe(self, n: int, first_admitted: float, done: float) -> None:
+    def observe(self, n: int, first_admitted: float, done: float, *, saturated: bool) -> None:
         """Record a batch of ``n`` images finished at ``done``."""
         start = max(self._last_done, first_admitted)
         self._last_done = done
-        if n > 0 and done > start:
+        if saturated and n > 0 and done > start:
             sample = (done - start) / n
             self.seconds_per_image += self.alpha * (sample - self.seconds_per_image)
 
@@ -74,17 +77,20 @@ class DrainMeter:
         """The measured drain rate."""
         return 1.0 / self.seconds_per_image
 
-    def retry_after(self, ahead: int, cap: float) -> float:
+    def retry_after(self, ahead: int, cap: float, headroom: int = 0) -> float:
         """The wait to promise a shed caller with ``ahead`` images admitted before it.
 
         Callers shed earlier hold the slots before this one; those slots free up at
-        the drain rate.
+        the drain rate. The caller is asked back when ``headroom`` images are still
+        ahead of it rather than none: arriving into a half-full queue, callers fill
+        whole batches, while a queue that runs dry between them would run batches of
+        one at a fraction of the throughput.
         """
         now = time.monotonic()
         freed = (now - self._promised_at) / self.seconds_per_image
         self._promised = max(0.0, self._promised - freed)
         self._promised_at = now
-        wait = (ahead + self._promised) * self.seconds_per_image
+        wait = (ahead + self._promised - headroom) * self.seconds_per_image
         self._promised += 1
         return min(cap, max(MIN_RETRY_AFTER_S, wait))
 
@@ -114,7 +120,9 @@ class Admission:
             raise ValueError(f"{n} images in one request; at most {self.capacity} fit the queue")
         if self.pending + n > self.capacity:
             self.on_shed("queue_full")
-            wait = self.meter.retry_after(self.pending, self.max_retry_after_s)
+            wait = self.meter.retry_after(
+                self.pending, self.max_retry_after_s, headroom=self.capacity // 2
+            )
             raise Shed(
                 429,
                 "queue_full",
@@ -220,6 +228,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            saturated = len(batch) == self.max_batch_size or self._queue.qsize() > 0
             x = np.stack([item.array for item in batch])
             want_features = any(item.features for item in batch)
             started = time.perf_counter()
@@ -233,7 +242,8 @@ class MicroBatcher:
                         item.future.set_exception(exc)
                 continue
             done = time.monotonic()
-            self.meter.observe(len(batch), min(item.admitted for item in batch), done)
+            first = min(item.admitted for item in batch)
+            self.meter.observe(len(batch), first, done, saturated=saturated)
             self._on_batch(len(batch), time.perf_counter() - started)
             for i, item in enumerate(batch):
                 if not item.future.done():  # the caller may have gone away

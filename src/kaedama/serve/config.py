@@ -41,6 +41,13 @@ class ExportConfig:
         metadata={"help": "JSON file (e.g. from kaedama evaluate) holding a 'temperature' key"},
     )
     opset: int = field(default=18, metadata={"help": "ONNX opset version"})
+    onnx_exporter: Literal["dynamo", "legacy"] = field(
+        default="dynamo",
+        metadata={
+            "help": "torch's current torch.export-based ONNX exporter, or the older "
+            "TorchScript-based one (faster to run; also the fallback when dynamo fails)"
+        },
+    )
     cam: bool = field(
         default=True,
         metadata={

@@ -54,6 +54,10 @@ class ExportError(KaedamaError):
     """The model cannot be exported or the export does not reproduce it."""
 
 
+class _UseLegacy(Exception):
+    """Internal: skip the dynamo exporter."""
+
+
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -111,11 +115,15 @@ def sample_input(data_config: dict[str, Any], n: int = 2) -> np.ndarray:
     return np.stack(out)
 
 
-def _onnx_bytes(module: nn.Module, sample: torch.Tensor, outputs: list[str], opset: int) -> bytes:
-    """Export with the dynamo exporter (torch's current one), dynamic batch size."""
+def _onnx_bytes(
+    module: nn.Module, sample: torch.Tensor, outputs: list[str], opset: int, exporter: str
+) -> bytes:
+    """Export with a dynamic batch size; dynamo first unless ``exporter`` is ``legacy``."""
     path_buf = io.BytesIO()
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
+        if exporter == "legacy":
+            raise _UseLegacy
         program = torch.onnx.export(
             module,
             (sample,),
@@ -129,6 +137,8 @@ def _onnx_bytes(module: nn.Module, sample: torch.Tensor, outputs: list[str], ops
         )
         program.save(path_buf)
         return path_buf.getvalue()
+    except _UseLegacy:
+        pass
     except (RuntimeError, TypeError, ValueError) as exc:
         # Some architectures trip torch.export; the TorchScript-based exporter still works
         # for them (and is what torch.onnx used for years).
@@ -203,7 +213,7 @@ def export_model(
     outputs = [LOGITS, FEATURES] if head is not None else [LOGITS]
     module.eval()
     if config.format == "onnx":
-        data = _onnx_bytes(module, sample, outputs, config.opset)
+        data = _onnx_bytes(module, sample, outputs, config.opset, config.onnx_exporter)
     else:
         data = _torchscript_bytes(module, sample)
     verify: dict[str, Any] = {}

@@ -32,6 +32,9 @@ class OnnxSession:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's idle intra-op threads spin by default; here the decode threads share the
+        # cores, and a spinning pool takes the CPU time they need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 artifact.model_bytes, options, providers=["CPUExecutionProvider"]
