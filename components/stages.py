@@ -162,23 +162,26 @@ def evaluate(
     from collections import namedtuple
 
     from kaedama import cli, storage
+    from kaedama.evaluate.metrics import log_kfp
 
     args = ["evaluate", model.path, split_in.path, "--split", "test", "--out", evaluation.path]
+    args += ["--fit-temperature"]  # calibrated probabilities for serving (export reads it)
     if champion_metrics and storage.exists(champion_metrics):
         args += ["--compare", champion_metrics]
     if cli.main(args) != 0:
         raise RuntimeError(f"kaedama {' '.join(args)} failed")
-    with open(os.path.join(evaluation.path, "kfp_metrics.json"), encoding="utf-8") as fh:
+    with open(os.path.join(evaluation.path, "kfp.json"), encoding="utf-8") as fh:
         kfp = json.load(fh)
-    for key, value in kfp["metrics"].items():
-        metrics.log_metric(key, value)
-    confusion.log_confusion_matrix(kfp["confusion"]["categories"], kfp["confusion"]["matrix"])
+    log_kfp(kfp, confusion, metrics)
     os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
     shutil.copyfile(os.path.join(evaluation.path, "report.html"), report.path)
     accuracy = float(kfp["metrics"]["accuracy"])
-    comparison = kfp.get("comparison")
-    if comparison:
-        promote, reason = bool(comparison["better"]), comparison["verdict"]
+    compare = os.path.join(evaluation.path, "compare.json")
+    if os.path.exists(compare):
+        with open(compare, encoding="utf-8") as fh:
+            comparison = json.load(fh)
+        promote = comparison["better"] == "this" and bool(comparison["significant"])
+        reason = comparison["verdict"]
     else:
         promote = accuracy >= min_accuracy
         reason = f"no champion; accuracy {accuracy:.4f} vs minimum {min_accuracy:.4f}"
@@ -192,10 +195,10 @@ def export(model: Input[Model], exported: Output[Model], evaluation: Input[Datas
 
     from kaedama import cli
 
-    args = ["export", model.path, "--out", exported.path]
+    args = ["export", os.path.join(model.path, "best.pt"), "--out", exported.path]
     temperature = os.path.join(evaluation.path, "temperature.json")
-    if os.path.exists(temperature):
-        args += ["--temperature", temperature]
+    if os.path.exists(temperature):  # fitted on the val split by evaluate
+        args += ["--calibration", temperature]
     if cli.main(args) != 0:
         raise RuntimeError(f"kaedama {' '.join(args)} failed")
 
