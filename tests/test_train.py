@@ -622,3 +622,35 @@ def test_gcs_manifest_and_output(toy, gcs_bucket, tmp_path):
     assert load_trained(f"{out}/{BEST}").classes == ("α", "β", "γ")
     assert storage.exists(f"{out}/history.csv")
     assert storage.list_files(f"{out}/tb")
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"workers": -1}, "workers"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"hflip": 1.5}, "hflip"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"scale": (0.9, 0.2)}, "scale"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"mixup_prob": 0.7, "cutmix_prob": 0.7}, "sum to"),
+    ],
+)
+def test_config_is_validated_on_construction(overrides, field):
+    from kaedama.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**overrides)
+    with pytest.raises(ConfigError, match=field):  # replace() re-validates too
+        replace(FAST, **overrides)
+
+
+def test_cli_reports_a_bad_config_value_without_a_traceback(tmp_path, capsys):
+    code = cli.main(["train", "m.jsonl", "--out", str(tmp_path), "--lr", "-1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "lr=-1.0 must be > 0" in err and "Traceback" not in err

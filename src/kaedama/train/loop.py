@@ -384,8 +384,6 @@ def _fit(
     manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime, stop: StopSignal
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise TrainError(f"epochs and batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
     splits = load_splits(manifest_uri)
     classes = splits.classes
     if len(classes) < 2:
