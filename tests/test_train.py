@@ -654,3 +654,25 @@ def test_cli_reports_a_bad_config_value_without_a_traceback(tmp_path, capsys):
     code = cli.main(["train", "m.jsonl", "--out", str(tmp_path), "--lr", "-1"])
     err = capsys.readouterr().err
     assert code != 0 and "lr=-1.0 must be > 0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_img_size_builds_fixed_size_models_at_that_size(name):
+    model = create_model(name, 3, img_size=160).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 3)
+
+
+def test_img_size_trains_and_reloads_a_fixed_size_model(toy, tmp_path):
+    _, manifest = toy
+    out = tmp_path / "vit"
+    fit(manifest, str(out), replace(FAST, model="test_vit", max_steps_per_epoch=1))
+    trained = load_trained(str(out / BEST))
+    assert trained.data_config["input_size"] == [3, 32, 32]
+    with torch.no_grad():
+        assert trained.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_img_size_a_model_cannot_take_is_a_clear_error(toy, tmp_path):
+    with pytest.raises(ModelError, match="cannot run at --img-size 30"):
+        create_model("test_vit", 3, img_size=30)

@@ -73,6 +73,41 @@ def _local_copy(uri: str) -> Iterator[str]:
         yield path
 
 
+def fixed_input_size(name: str) -> int:
+    """The side a fixed-size model (ViT, Swin, ...) is built for by default; 0 = any size."""
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None or not cfg.fixed_input_size:
+        return 0
+    return int(cfg.input_size[-1])
+
+
+def _size_kwargs(name: str, img_size: int) -> dict[str, Any]:
+    # Convolutional nets take any input size and their constructors reject img_size;
+    # fixed-size models (position embeddings, attention windows) must be built for it.
+    default = fixed_input_size(name)
+    if not default or img_size <= 0 or img_size == default:
+        return {}
+    return {"img_size": img_size}
+
+
+def _check_input_size(model: nn.Module, name: str, img_size: int) -> None:
+    """One dummy forward at ``img_size``: a size the architecture cannot take fails here,
+    with a message, instead of as an AssertionError in the first training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"{name} cannot run at --img-size {img_size} ({exc}); pick a size it supports "
+            f"(its own is {fixed_input_size(name)}; ViT needs a multiple of the patch size) "
+            "or use --img-size 0"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -80,6 +115,7 @@ def create_model(
     pretrained: bool = False,
     pretrained_path: str = "",
     drop_rate: float = 0.0,
+    img_size: int = 0,
 ) -> nn.Module:
     """Build a timm model with a fresh ``num_classes`` head.
 
@@ -91,12 +127,38 @@ def create_model(
             instead (a timm/torch state dict, a ``.safetensors`` file, or a kaedama
             checkpoint); implies ``pretrained``.
         drop_rate: dropout before the classifier.
+        img_size: input side (0 = the model's own); fixed-size models such as ViT and
+            Swin are built for it (timm resamples pretrained position embeddings).
 
     Raises:
-        ModelError: unknown model name or weights that cannot be loaded.
+        ModelError: unknown model name, an input size the model cannot take, or
+            weights that cannot be loaded.
     """
     _check_name(name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
+    size_kwargs = _size_kwargs(name, img_size)
+    try:
+        model = _create(name, num_classes, pretrained, pretrained_path, drop_rate, size_kwargs)
+    except TypeError as exc:
+        if not size_kwargs:
+            raise
+        raise ModelError(
+            f"{name} has a fixed input size of {fixed_input_size(name)} px and timm cannot "
+            f"build it for --img-size {img_size} ({exc}); use --img-size 0 or another model"
+        ) from exc
+    if size_kwargs:
+        _check_input_size(model, name, img_size)
+    return model
+
+
+def _create(
+    name: str,
+    num_classes: int,
+    pretrained: bool,
+    pretrained_path: str,
+    drop_rate: float,
+    size_kwargs: dict[str, Any],
+) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate, **size_kwargs}
     if pretrained_path:
         with _local_copy(pretrained_path) as path:
             try:
@@ -127,6 +189,7 @@ def create_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
         pretrained=cfg.pretrained or bool(cfg.pretrained_path),
         pretrained_path=cfg.pretrained_path,
         drop_rate=cfg.drop_rate,
+        img_size=cfg.img_size,
     )
 
 
@@ -174,7 +237,9 @@ def load_trained(uri: str, *, device: str | torch.device = "cpu") -> TrainedMode
     if missing:
         raise ModelError(f"{uri} is not a kaedama training checkpoint (missing {missing})")
     classes = tuple(ckpt["classes"])
-    model = create_model(ckpt["model_name"], len(classes))
+    # Fixed-size models were built for the trained input size.
+    _, _, side = ckpt["data_config"]["input_size"]
+    model = create_model(ckpt["model_name"], len(classes), img_size=int(side))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return TrainedModel(
