@@ -676,3 +676,34 @@ def test_img_size_trains_and_reloads_a_fixed_size_model(toy, tmp_path):
 def test_img_size_a_model_cannot_take_is_a_clear_error(toy, tmp_path):
     with pytest.raises(ModelError, match="cannot run at --img-size 30"):
         create_model("test_vit", 3, img_size=30)
+
+
+def test_resume_refuses_another_world_size_unless_the_global_batch_is_kept(toy, tmp_path):
+    from kaedama.train.runtime import Runtime
+
+    _, manifest = toy
+    out = tmp_path / "run"
+    fit(manifest, str(out), replace(FAST, max_steps_per_epoch=1))  # 1 process x 16
+    # 2 processes x 16 would shift the data position and the LR schedule: refused
+    # before any collective runs (so a world-2 Runtime without a process group suffices).
+    with pytest.raises(CheckpointError, match=r"--batch-size 8 with 2 processes keeps it"):
+        fit(manifest, str(out), replace(FAST, resume=True), runtime=Runtime(world=2))
+    with pytest.raises(CheckpointError, match="resume with 1 processes"):
+        fit(manifest, str(out), replace(FAST, resume=True, batch_size=5), runtime=Runtime(world=3))
+
+
+def test_resume_refuses_another_manifest_with_the_same_classes(toy, tmp_path):
+    _, manifest = toy
+    out = tmp_path / "run"
+    first = fit(manifest, str(out), replace(FAST, max_steps_per_epoch=1))
+    assert first["lineage"]["manifest_uri"] == manifest
+    rows = read_manifest(manifest).rows
+    moved = next(r for r in rows if r.split == "val")
+    moved.split = "train"  # same classes, one more training row
+    write_manifest(str(tmp_path / "other.jsonl"), rows)
+    with pytest.raises(CheckpointError, match="other rows change the data order"):
+        fit(str(tmp_path / "other.jsonl"), str(out), replace(FAST, resume=True))
+    # The same manifest resumes (the last.pt of an ended 1-epoch run: nothing left to do).
+    again = fit(manifest, str(out), replace(FAST, resume=True, max_steps_per_epoch=1))
+    assert again["history"] == first["history"]
+

@@ -20,6 +20,7 @@ Three ideas keep training reproducible and robust:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kaedama import images, storage
 from kaedama.errors import KaedamaError
-from kaedama.manifest import Row, read_manifest
+from kaedama.manifest import Row, parse_manifest
 from kaedama.train import augment
 from kaedama.train.config import TrainConfig
 from kaedama.train.model import input_size
@@ -84,6 +85,9 @@ class Splits:
     val: tuple[Example, ...]
     test: tuple[Example, ...]
     unknown_labels: dict[str, int]  # val/test rows whose label never occurs in train
+    manifest_uri: str = ""
+    manifest_sha256: str = ""  # of the manifest file's bytes: which rows exactly
+    header: dict[str, Any] | None = None  # the manifest header (hash recipe, writer stage)
 
 
 def derive_seed(*parts: int) -> int:
@@ -117,7 +121,13 @@ def load_splits(manifest_uri: str) -> Splits:
     Raises:
         DataError: when the manifest has no kept training rows.
     """
-    rows = read_manifest(manifest_uri).rows
+    data = storage.read_bytes(manifest_uri)  # read once: hashed for lineage, then parsed
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{manifest_uri} is not UTF-8 text ({exc}); is it a manifest?") from exc
+    manifest = parse_manifest(text, uri=manifest_uri)
+    rows = manifest.rows
     classes = class_names(rows)
     if not classes:
         splits = Counter(r.split or "(none)" for r in rows if r.status == "kept")
@@ -147,6 +157,9 @@ def load_splits(manifest_uri: str) -> Splits:
         val=tuple(out["val"]),
         test=tuple(out["test"]),
         unknown_labels=dict(unknown),
+        manifest_uri=manifest_uri,
+        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        header=dict(manifest.header),
     )
 
 

@@ -37,12 +37,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import kaedama
 from kaedama import storage
 from kaedama.config import config_to_dict
 from kaedama.train import augment, optim
 from kaedama.train.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from kaedama.train.config import TrainConfig
-from kaedama.train.data import Batch, build_loaders, derive_seed, load_splits, seed_everything
+from kaedama.train.data import (
+    Batch,
+    Splits,
+    build_loaders,
+    derive_seed,
+    load_splits,
+    seed_everything,
+)
 from kaedama.train.history import Board, write_history
 from kaedama.train.model import create_from_config, input_size, resolve_data_config, unwrap
 from kaedama.train.runtime import (
@@ -323,7 +331,27 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- fit
 
 
-def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> dict | None:
+def lineage(splits: Splits) -> dict[str, Any]:
+    """Where a model comes from: the training manifest (URI and sha256 of its bytes), the
+    perceptual-hash recipe its header records, and the kaedama version that trained it."""
+    return {
+        "manifest_uri": splits.manifest_uri,
+        "manifest_sha256": splits.manifest_sha256,
+        "hash_recipe": (splits.header or {}).get("hash_recipe"),
+        "kaedama_version": kaedama.__version__,
+    }
+
+
+def _resume_state(
+    out_uri: str, cfg: TrainConfig, splits: Splits, rt: Runtime
+) -> dict[str, Any] | None:
+    """``last.pt`` to continue from, or None; refuses a run that would not continue it exactly.
+
+    The data order and LR schedule are functions of the global batch (``batch_size``
+    per rank x ranks) and of the manifest's rows: a resume with another world size is
+    accepted only when the per-rank batch keeps the global batch, and one on another
+    manifest (even with the same classes) is refused.
+    """
     uri = storage.join(out_uri, LAST)
     if not cfg.resume:
         return None
@@ -331,11 +359,34 @@ def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> d
         log.info("no checkpoint at %s: starting from scratch", uri)
         return None
     state = load_checkpoint(uri)
-    if state.get("model_name") != cfg.model or tuple(state.get("classes", ())) != classes:
+    if state.get("model_name") != cfg.model or tuple(state.get("classes", ())) != splits.classes:
         raise CheckpointError(
             f"{uri} was written for model {state.get('model_name')!r} with "
             f"{len(state.get('classes', ()))} classes, but this run trains {cfg.model!r} with "
-            f"{len(classes)}; use a fresh --out or drop --resume"
+            f"{len(splits.classes)}; use a fresh --out or drop --resume"
+        )
+    world = int(state.get("world", 1))
+    batch = int(state.get("config", {}).get("batch_size", cfg.batch_size))
+    if world * batch != rt.world * cfg.batch_size:
+        keep = world * batch / rt.world
+        hint = (
+            f"--batch-size {int(keep)} with {rt.world} processes keeps it"
+            if keep == int(keep)
+            else f"resume with {world} processes"
+        )
+        raise CheckpointError(
+            f"{uri} was written by {world} process(es) x batch {batch} (global batch "
+            f"{world * batch}); this run has {rt.world} x {cfg.batch_size} = "
+            f"{rt.world * cfg.batch_size}. The data position and LR schedule count global "
+            f"batches, so it would not continue the same run: {hint}, or use a fresh --out"
+        )
+    saved = state.get("lineage") or {}
+    if saved.get("manifest_sha256") and saved["manifest_sha256"] != splits.manifest_sha256:
+        raise CheckpointError(
+            f"{uri} was trained on manifest {saved.get('manifest_uri')} (sha256 "
+            f"{saved['manifest_sha256'][:12]}...), but this run reads {splits.manifest_uri} "
+            f"(sha256 {splits.manifest_sha256[:12]}...): other rows change the data order, "
+            "so the run would not continue. Resume with the same manifest, or use a fresh --out"
         )
     return state
 
@@ -406,7 +457,7 @@ def _fit(
     start_epoch, start_step, partial = 0, 0, None
     best: dict[str, Any] = {"epoch": 0, "val_acc": None}
     history: list[dict[str, Any]] = []
-    state = _resume_state(out_uri, cfg, classes)
+    state = _resume_state(out_uri, cfg, splits, rt)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -447,6 +498,7 @@ def _fit(
         "classes": list(classes),
         "data_config": data_config,
         "config": config_to_dict(cfg),
+        "lineage": lineage(splits),
     }
     best_state: dict[str, torch.Tensor] | None = None
     epoch_seconds = 0.0
@@ -574,6 +626,7 @@ def _fit(
         "classes": list(classes),
         "seed": cfg.seed,
         "world_size": rt.world,
+        "lineage": meta["lineage"],
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
