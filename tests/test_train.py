@@ -707,3 +707,22 @@ def test_resume_refuses_another_manifest_with_the_same_classes(toy, tmp_path):
     again = fit(manifest, str(out), replace(FAST, resume=True, max_steps_per_epoch=1))
     assert again["history"] == first["history"]
 
+
+def test_val_test_rows_with_labels_absent_from_train_are_counted(toy, tmp_path, capsys):
+    root, _ = toy
+    photo = sorted((root / "img").rglob("*.*"))[0]
+    extra = [
+        Row(uri=str(photo), label="δ", split="val"),
+        Row(uri=str(photo), label="δ", split="test"),
+        Row(uri=str(photo), label="ε", split="test"),
+    ]
+    manifest = split_manifest(root / "img", tmp_path / "m.jsonl", extra=extra)
+    out = tmp_path / "run"
+    argv = ["train", manifest, "--out", str(out), "--model", "test_resnet", "--img-size", "32"]
+    assert cli.main([*argv, "--epochs", "1", "--workers", "0", "--max-steps-per-epoch", "1"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["unknown_label_images"] == 3
+    assert result["unknown_labels"] == {"δ": 2, "ε": 1}
+    assert result["history"][0]["val_images"] == 18 and result["test_images"] == 9
+    printed = capsys.readouterr().out
+    assert "3 val/test image(s) with labels absent from train (δ, ε)" in printed

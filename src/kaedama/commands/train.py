@@ -60,10 +60,18 @@ def _summary(result: dict) -> str:
                 stats = result[key]
                 parts.append(f"{key} {pct(stats['mean'])} ± {pct(stats['std'])}")
         return ", ".join(parts) + f" -> {result['out']}"
-    return (
+    line = (
         f"best epoch {result['best_epoch']}: val_acc {pct(result['best_val_acc'])}, "
         f"test_acc {pct(result.get('test_acc'))} -> {result['out']}"
     )
+    unknown = result.get("unknown_label_images", 0)
+    if unknown:
+        labels = ", ".join(sorted(result.get("unknown_labels", {})))
+        line += (
+            f"\nnote: {unknown} val/test image(s) with labels absent from train ({labels}) "
+            "were left out of val/test accuracy"
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:

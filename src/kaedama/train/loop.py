@@ -627,6 +627,9 @@ def _fit(
         "seed": cfg.seed,
         "world_size": rt.world,
         "lineage": meta["lineage"],
+        # Val/test rows whose label never occurs in train: left out of every figure.
+        "unknown_label_images": sum(splits.unknown_labels.values()),
+        "unknown_labels": splits.unknown_labels,
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
