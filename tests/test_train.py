@@ -726,3 +726,20 @@ def test_val_test_rows_with_labels_absent_from_train_are_counted(toy, tmp_path, 
     assert result["history"][0]["val_images"] == 18 and result["test_images"] == 9
     printed = capsys.readouterr().out
     assert "3 val/test image(s) with labels absent from train (δ, ε)" in printed
+
+
+def test_training_runs_without_tensorboard_and_says_so_once(toy, tmp_path, monkeypatch, caplog):
+    from kaedama.train import history
+
+    # What a machine without the tensorboard extra does: the import fails.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(history, "_told_off", False)
+    _, manifest = toy
+    cfg = replace(FAST, max_steps_per_epoch=1, trials=2)
+    with caplog.at_level("WARNING", logger="kaedama.train.history"):
+        summary = fit_trials(manifest, tmp_path / "runs", cfg)
+    assert len(summary["runs"]) == 2
+    notes = [r for r in caplog.records if "TensorBoard logging is off" in r.getMessage()]
+    assert len(notes) == 1
+    assert (tmp_path / "runs" / "trial-1" / "history.csv").is_file()
+    assert not (tmp_path / "runs" / "trial-0" / "tb").exists()
