@@ -47,7 +47,7 @@ class Board:
         self.remote = None
         if not enabled:
             return
-        SummaryWriter = _summary_writer()  # noqa: N806 (a class)
+        SummaryWriter = _summary_writer()
         if SummaryWriter is None:
             return
         if storage.is_gcs(out_uri):
