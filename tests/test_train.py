@@ -266,6 +266,11 @@ def test_trains_on_the_manifest_of_the_dedup_and_split_stages(tmp_path, capsys):
     assert history["train_skipped"] == history["val_skipped"] == result["test_skipped"] == 0
     assert history["train_images"] == kept["train"] - kept["train"] % 4
     assert history["val_images"] == kept["val"] and result["test_images"] == kept["test"]
+    # Lineage: the hash recipe the dedup stage recorded in the manifest header.
+    header = read_manifest(str(split / "manifest.jsonl")).header
+    assert header.get("hash_recipe")
+    assert result["lineage"]["hash_recipe"] == header["hash_recipe"]
+    assert load_checkpoint(str(out / BEST))["lineage"] == result["lineage"]
 
 
 def test_loss_decreases_on_a_learnable_set(toy, tmp_path):
@@ -743,3 +748,39 @@ def test_training_runs_without_tensorboard_and_says_so_once(toy, tmp_path, monke
     assert len(notes) == 1
     assert (tmp_path / "runs" / "trial-1" / "history.csv").is_file()
     assert not (tmp_path / "runs" / "trial-0" / "tb").exists()
+
+
+def test_validation_accuracy_equals_preprocess_and_the_saved_model(toy, tmp_path):
+    """What training records as val accuracy is what evaluation/serving compute from best.pt:
+    the same Preprocess (built from the checkpoint's data config) and the same weights."""
+    import hashlib
+
+    import numpy as np
+
+    import kaedama
+    from kaedama.preprocess import Preprocess
+
+    _, manifest = toy
+    out = tmp_path / "run"
+    cfg = replace(FAST, epochs=3, max_pixels=5_000_000)
+    result = fit(manifest, str(out), cfg)
+    best = load_checkpoint(str(out / BEST))
+    preprocess = Preprocess.from_data_config(best["data_config"])
+    # The checkpoint holds the full Preprocess config, decode options included.
+    assert best["data_config"] == preprocess.to_data_config()
+    assert best["data_config"]["decode"] == {"draft": True, "max_pixels": 5_000_000}
+    trained = load_trained(str(out / BEST))
+    val = load_splits(manifest).val
+    inputs = np.stack([preprocess(Path(e.uri).read_bytes(), uri=e.uri) for e in val])
+    with torch.no_grad():
+        predicted = trained.model(torch.from_numpy(inputs)).argmax(-1)
+    targets = torch.tensor([e.target for e in val])
+    accuracy = int((predicted == targets).sum()) / len(val)
+    assert best["val_acc"] == result["best_val_acc"]
+    assert accuracy == pytest.approx(result["best_val_acc"], abs=1e-9)
+    # Lineage: which manifest (exact bytes) and which kaedama trained it.
+    digest = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+    for lineage in (best["lineage"], result["lineage"]):
+        assert lineage["manifest_uri"] == manifest
+        assert lineage["manifest_sha256"] == digest
+        assert lineage["kaedama_version"] == kaedama.__version__

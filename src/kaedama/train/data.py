@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kaedama import images, storage
 from kaedama.errors import KaedamaError
 from kaedama.manifest import Row, parse_manifest
+from kaedama.preprocess import Preprocess
 from kaedama.train import augment
 from kaedama.train.config import TrainConfig
 from kaedama.train.model import input_size
@@ -171,23 +171,31 @@ class ManifestDataset(Dataset):
 
     Args:
         examples: what to load.
-        transform: PIL image -> tensor (train or eval transform).
+        transform: PIL image -> tensor (the training augmentation).
         max_pixels: refuse images larger than this (decompression bombs).
         draft: reduced-size JPEG decoding, ``(w, h)`` the decoded image must still cover.
+        preprocess: evaluation: bytes -> model input through exactly this
+            :class:`~kaedama.preprocess.Preprocess` (decode options included), what
+            ``kaedama evaluate`` and serving run; ``transform``, ``max_pixels`` and
+            ``draft`` are then unused.
     """
 
     def __init__(
         self,
         examples: Sequence[Example],
-        transform: Callable[[Any], torch.Tensor],
+        transform: Callable[[Any], torch.Tensor] | None = None,
         *,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         draft: tuple[int, int] | None = None,
+        preprocess: Preprocess | None = None,
     ):
+        if (transform is None) == (preprocess is None):
+            raise ValueError("ManifestDataset needs a transform (training) or a preprocess")
         self.examples = list(examples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft = draft
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -197,6 +205,8 @@ class ManifestDataset(Dataset):
         example = self.examples[index]
         try:
             data = storage.read_bytes(example.uri)
+            if self.preprocess is not None:
+                return torch.from_numpy(self.preprocess(data, uri=example.uri)), example.target
             image = images.decode(
                 data, max_pixels=self.max_pixels, draft=self.draft, uri=example.uri
             )
@@ -344,16 +354,13 @@ class EpochSampler(Sampler):
 
 
 def _loader(
-    examples: tuple[Example, ...],
-    transform: Callable,
+    dataset: ManifestDataset,
     sampler: EpochSampler,
     cfg: TrainConfig,
     rt: Runtime,
     *,
-    draft: tuple[int, int],
     drop_last: bool,
 ) -> DataLoader:
-    dataset = ManifestDataset(examples, transform, max_pixels=cfg.max_pixels, draft=draft)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -376,13 +383,16 @@ class Loaders:
 
 
 def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> Loaders:
-    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order)."""
+    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order).
+
+    Val/test images go through the :class:`~kaedama.preprocess.Preprocess` built from
+    ``data_config`` (the one saved in the checkpoints), so validation figures equal what
+    ``kaedama evaluate`` and serving compute from the saved model.
+    """
     h, w = input_size(data_config)
     # JPEGs decode at reduced size when much larger than needed: training keeps twice
-    # the input size (random crops still see native detail), evaluation the resize size.
+    # the input size (random crops still see native detail).
     train_draft = (2 * w, 2 * h)
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    eval_draft = (math.ceil(w / crop_pct), math.ceil(h / crop_pct))
     sampler = EpochSampler(
         [e.target for e in splits.train],
         seed=cfg.seed,
@@ -394,19 +404,17 @@ def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> L
     # Full batches only (BatchNorm and DDP want equal, non-tiny batches) unless the
     # shard is smaller than one batch.
     drop_last = len(sampler) >= cfg.batch_size
-    train = _loader(
+    dataset = ManifestDataset(
         splits.train,
         augment.build_train_transform(data_config, cfg),
-        sampler,
-        cfg,
-        rt,
+        max_pixels=cfg.max_pixels,
         draft=train_draft,
-        drop_last=drop_last,
     )
+    train = _loader(dataset, sampler, cfg, rt, drop_last=drop_last)
     steps = len(train)
     if cfg.max_steps_per_epoch > 0:
         steps = min(steps, cfg.max_steps_per_epoch)
-    eval_transform = augment.build_eval_transform(data_config, cfg)
+    preprocess = Preprocess.from_data_config(data_config)
 
     def eval_loader(examples: tuple[Example, ...]) -> DataLoader | None:
         if not examples:
@@ -418,6 +426,7 @@ def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> L
             world=rt.world,
             pad=False,
         )
-        return _loader(examples, eval_transform, order, cfg, rt, draft=eval_draft, drop_last=False)
+        dataset = ManifestDataset(examples, preprocess=preprocess)
+        return _loader(dataset, order, cfg, rt, drop_last=False)
 
     return Loaders(train, eval_loader(splits.val), eval_loader(splits.test), steps)

@@ -441,7 +441,7 @@ def _fit(
         raise TrainError(f"need at least 2 classes to train a classifier, found {list(classes)}")
     seed_everything(derive_seed(cfg.seed, _INIT), rt.device)  # same initial weights on every rank
     model = create_from_config(cfg, len(classes))
-    data_config = resolve_data_config(model, cfg.img_size)
+    data_config = resolve_data_config(model, cfg.img_size, max_pixels=cfg.max_pixels)
     model.to(rt.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

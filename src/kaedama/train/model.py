@@ -8,6 +8,7 @@ evaluation and serving preprocess exactly as training did.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
 import os
@@ -21,8 +22,9 @@ import timm
 import torch
 from torch import nn
 
-from kaedama import storage
+from kaedama import images, storage
 from kaedama.errors import KaedamaError
+from kaedama.preprocess import Preprocess
 from kaedama.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -193,18 +195,21 @@ def create_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
 
 
-def resolve_data_config(model: nn.Module, img_size: int = 0) -> dict[str, Any]:
-    """The model's preprocessing config (timm's), with ``img_size`` as input size when > 0.
+def resolve_data_config(
+    model: nn.Module, img_size: int = 0, *, max_pixels: int = images.DEFAULT_MAX_PIXELS
+) -> dict[str, Any]:
+    """The model's preprocessing config: timm's, with ``img_size`` as input size when > 0.
 
-    Returns a plain dict of JSON-friendly values (tuples become lists) so it can be
-    stored in checkpoints and JSON files and read back identically.
+    Returned as :meth:`kaedama.preprocess.Preprocess.to_data_config` (JSON-friendly,
+    with the ``decode`` options), the form every checkpoint saves: validation,
+    ``kaedama evaluate`` and serving all rebuild the same :class:`Preprocess` from it.
     """
     dc = timm.data.resolve_model_data_config(model)
     if img_size > 0:
         dc["input_size"] = (dc["input_size"][0], img_size, img_size)
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dc.items() if k in DATA_CONFIG_KEYS
-    }
+    timm_keys = {k: v for k, v in dc.items() if k in DATA_CONFIG_KEYS}
+    preprocess = dataclasses.replace(Preprocess.from_data_config(timm_keys), max_pixels=max_pixels)
+    return preprocess.to_data_config()
 
 
 def input_size(data_config: dict[str, Any]) -> tuple[int, int]:
