@@ -52,7 +52,13 @@ from kaedama.train.data import (
     seed_everything,
 )
 from kaedama.train.history import Board, write_history
-from kaedama.train.model import create_from_config, input_size, resolve_data_config, unwrap
+from kaedama.train.model import (
+    create_from_config,
+    input_size,
+    resolve_data_config,
+    unwrap,
+    weights_source,
+)
 from kaedama.train.runtime import (
     Preempted,
     Runtime,
@@ -331,13 +337,15 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- fit
 
 
-def lineage(splits: Splits) -> dict[str, Any]:
+def lineage(splits: Splits, cfg: TrainConfig) -> dict[str, Any]:
     """Where a model comes from: the training manifest (URI and sha256 of its bytes), the
-    perceptual-hash recipe its header records, and the kaedama version that trained it."""
+    perceptual-hash recipe its header records, the pretrained weights it started from and
+    the kaedama version that trained it."""
     return {
         "manifest_uri": splits.manifest_uri,
         "manifest_sha256": splits.manifest_sha256,
         "hash_recipe": (splits.header or {}).get("hash_recipe"),
+        "pretrained": weights_source(cfg),
         "kaedama_version": kaedama.__version__,
     }
 
@@ -498,7 +506,7 @@ def _fit(
         "classes": list(classes),
         "data_config": data_config,
         "config": config_to_dict(cfg),
-        "lineage": lineage(splits),
+        "lineage": lineage(splits, cfg),
     }
     best_state: dict[str, torch.Tensor] | None = None
     epoch_seconds = 0.0

@@ -1,4 +1,4 @@
-"""Models: any timm architecture by name, pretrained from the hub or a local/gs:// file.
+"""Models: any timm architecture by name, pretrained from a file, a bundled package or the hub.
 
 The model's own data config (input size, interpolation, mean/std, crop) drives
 preprocessing. It is resolved once here and saved with every checkpoint, so
@@ -26,6 +26,7 @@ from kaedama import images, storage
 from kaedama.errors import KaedamaError
 from kaedama.preprocess import Preprocess
 from kaedama.train.config import TrainConfig
+from kaedama.train.weights import bundled_state_dict, offline_hint, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def create_model(
     Args:
         name: a timm model name (``timm.list_models()``).
         num_classes: number of labels; the pretrained classifier is dropped when it differs.
-        pretrained: load pretrained weights from the hub (needs network or the HF cache).
+        pretrained: load pretrained weights: from a bundled package for the models that
+            have one (:data:`kaedama.train.weights.BUNDLED`), else from the hub.
         pretrained_path: load pretrained weights from this local or ``gs://`` file
             instead (a timm/torch state dict, a ``.safetensors`` file, or a kaedama
             checkpoint); implies ``pretrained``.
@@ -161,26 +163,47 @@ def _create(
     size_kwargs: dict[str, Any],
 ) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate, **size_kwargs}
-    if pretrained_path:
+    source = resolve_source(name, pretrained=pretrained, pretrained_path=pretrained_path)
+    if source is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if source.kind == "file":
         with _local_copy(pretrained_path) as path:
-            try:
-                return timm.create_model(
-                    name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs
-                )
-            except (RuntimeError, KeyError, OSError, ValueError) as exc:
-                raise ModelError(
-                    f"cannot load pretrained weights for {name} from {pretrained_path}: {exc}. "
-                    "The file must hold weights of this same architecture."
-                ) from exc
+            return _from_file(name, path, pretrained_path, kwargs)
+    if source.kind == "package":
+        with tempfile.TemporaryDirectory(prefix="kaedama-weights-") as tmp:
+            path = os.path.join(tmp, "weights.pth")
+            torch.save(bundled_state_dict(name), path)
+            return _from_file(name, path, source.location, kwargs)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, OSError) as exc:
-        if not pretrained:
-            raise
         raise ModelError(
             f"cannot fetch pretrained weights for {name} from the model hub ({exc}). "
-            "Offline? Download them once and pass --pretrained-path FILE, or check HF_HUB_OFFLINE."
+            f"Offline? {offline_hint(name)} download them once and pass --pretrained-path FILE "
+            "(or check HF_HUB_OFFLINE)."
         ) from exc
+
+
+def _from_file(name: str, path: str, origin: str, kwargs: dict[str, Any]) -> nn.Module:
+    # timm's own loader: it drops the pretrained classifier when num_classes differs and
+    # resamples position embeddings for another img_size.
+    try:
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs
+        )
+    except (RuntimeError, KeyError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load pretrained weights for {name} from {origin}: {exc}. "
+            "The file must hold weights of this same architecture."
+        ) from exc
+
+
+def weights_source(cfg: TrainConfig) -> dict[str, str] | None:
+    """Where ``cfg``'s pretrained weights come from (for lineage); None = random init."""
+    source = resolve_source(
+        cfg.model, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path
+    )
+    return source.to_json() if source is not None else None
 
 
 def create_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
