@@ -64,6 +64,16 @@ def _summary(result: dict) -> str:
         f"best epoch {result['best_epoch']}: val_acc {pct(result['best_val_acc'])}, "
         f"test_acc {pct(result.get('test_acc'))} -> {result['out']}"
     )
+    stop = result.get("stop") or {}
+    if stop.get("reason") == "time_budget":
+        line += f"\nstopped: time budget spent after {stop['epochs_done']} full epoch(s)"
+    elif stop.get("reason") == "no_improvement":
+        line += (
+            f"\nstopped: no val improvement in {stop['early_stop_patience']} epochs "
+            f"(after {stop['epochs_done']})"
+        )
+    if stop.get("budget_left_s") is not None:
+        line += f"; {stop['budget_left_s']:.0f} s of the time budget left"
     unknown = result.get("unknown_label_images", 0)
     if unknown:
         labels = ", ".join(sorted(result.get("unknown_labels", {})))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -130,12 +131,53 @@ class TrainConfig:
     max_steps_per_epoch: int = field(
         default=0, metadata={"help": "cap steps per epoch (smoke runs); 0 = full epoch"}
     )
+    time_budget: str = field(
+        default="",
+        metadata={
+            "help": "wall-time budget for training, e.g. 90m, 2h, 1h30m, 600s (checked "
+            "before every step; then validation, checkpoints and test run); empty = none"
+        },
+    )
+    early_stop_patience: int = field(
+        default=0,
+        metadata={"help": "stop after N epochs without a better val accuracy; 0 = off"},
+    )
+
+    @property
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, or None without one."""
+        return parse_duration(self.time_budget) if self.time_budget.strip() else None
 
     def __post_init__(self) -> None:
         """Refuse values that would only fail later, deep in torch, with a clear message."""
         problems = _problems(self)
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*([hms])")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90m``, ``2h``, ``1h30m``, ``45s`` or plain seconds (``600``) -> seconds.
+
+    Raises:
+        ConfigError: anything else, or a duration that is not positive.
+    """
+    spec = text.strip().lower().replace(" ", "")
+    try:
+        seconds = float(spec)
+    except ValueError:
+        parts = _DURATION.findall(spec)
+        if not parts or "".join(n + u for n, u in parts) != spec:
+            raise ConfigError(
+                f"time_budget={text!r} is not a duration; write e.g. 90m, 2h, 1h30m or 600s"
+            ) from None
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ConfigError(f"time_budget={text!r} must be a positive duration")
+    return seconds
 
 
 def _problems(cfg: TrainConfig) -> list[str]:
@@ -209,4 +251,10 @@ def _problems(cfg: TrainConfig) -> list[str]:
         "must be increasing epochs > 0",
     )
     need(bool(cfg.model.strip()), "model", "must name a timm model")
+    need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 = off)")
+    if cfg.time_budget.strip():
+        try:
+            parse_duration(cfg.time_budget)
+        except ConfigError as exc:
+            out.append(str(exc))
     return out

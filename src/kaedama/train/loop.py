@@ -126,6 +126,8 @@ class StepContext:
     input_hw: tuple[int, int]
     skipped_seen: set[str] = field(default_factory=set)
     stop: StopSignal = field(default_factory=StopSignal)  # polled before every step
+    deadline: float | None = None  # clock() value at which the time budget is spent
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -135,6 +137,7 @@ class EpochProgress:
     sums: torch.Tensor  # float64 [loss_sum, correct, count, skipped]
     steps_done: int  # steps of the epoch completed (== steps unless stopped)
     stopped: int  # the signal on which all ranks stopped before finishing the epoch (0 = none)
+    out_of_time: bool = False  # the time budget ended the epoch early (on every rank)
 
 
 def _to_device(batch: Batch, rt: Runtime, channels_last: bool):
@@ -249,14 +252,17 @@ def train_one_epoch(
         return EpochProgress(acc, step, 0)
     fallback: Batch | None = None
     bar = _progress(steps - start_step, f"epoch {epoch + 1}/{cfg.epochs}", rt)
-    stopped = 0
+    stopped, out_of_time = 0, False
     for batch in loader:
         if step >= steps:
             break
         local = 0 if batch.images is None else int(batch.targets.shape[0])
-        total, signum = consensus(local, ctx.stop.received(), rt)
+        over = ctx.deadline is not None and ctx.clock() >= ctx.deadline
+        total, signum, out_of_time = consensus(local, ctx.stop.received(), rt, over)
         if signum:  # before the step: the checkpoint then holds exactly `step` steps
             stopped = signum
+            break
+        if out_of_time:
             break
         _note_skipped(batch, ctx)
         acc[SKIPPED] += len(batch.skipped)
@@ -279,7 +285,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step, acc)
     bar.close()
-    return EpochProgress(acc, step, stopped)
+    return EpochProgress(acc, step, stopped, out_of_time and not stopped)
 
 
 @torch.no_grad()
@@ -413,8 +419,15 @@ def fit(
     *,
     runtime: Runtime | None = None,
     stop: StopSignal | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Train one model on the manifest's train split; keep ``best.pt`` and ``last.pt``.
+
+    Training ends after ``cfg.epochs`` epochs, when ``cfg.time_budget`` is spent (checked
+    before every step: the partial epoch is validated, ``best.pt``/``last.pt`` written
+    and the test split evaluated; ``last.pt`` resumes mid-epoch), or when validation
+    accuracy has not improved for ``cfg.early_stop_patience`` epochs. ``result["stop"]``
+    says which, and how much of the budget was left.
 
     Args:
         manifest_uri: a split manifest (rows with split train/val/test and status kept).
@@ -423,6 +436,7 @@ def fit(
         runtime: an already initialised runtime (else one is set up and torn down here).
         stop: the :class:`StopSignal` the loop polls (a fresh one by default); its
             handlers are installed while the epochs run.
+        clock: seconds, monotonic: what the time budget is measured with.
 
     Returns:
         A JSON-friendly result: best epoch and validation accuracy, test accuracy,
@@ -433,16 +447,22 @@ def fit(
     """
     rt = runtime or init_runtime(cfg)
     try:
-        return _fit(manifest_uri, out_uri, cfg, rt, stop or StopSignal())
+        return _fit(manifest_uri, out_uri, cfg, rt, stop or StopSignal(), clock)
     finally:
         if runtime is None:
             close_runtime(rt)
 
 
 def _fit(
-    manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime, stop: StopSignal
+    manifest_uri: str,
+    out_uri: str,
+    cfg: TrainConfig,
+    rt: Runtime,
+    stop: StopSignal,
+    clock: Callable[[], float],
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    clock_start = clock()
     splits = load_splits(manifest_uri)
     classes = splits.classes
     if len(classes) < 2:
@@ -462,7 +482,7 @@ def _fit(
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     ema = optim.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    start_epoch, start_step, partial = 0, 0, None
+    start_epoch, start_step, partial, budget_used = 0, 0, None, 0.0
     best: dict[str, Any] = {"epoch": 0, "val_acc": None}
     history: list[dict[str, Any]] = []
     state = _resume_state(out_uri, cfg, splits, rt)
@@ -475,6 +495,7 @@ def _fit(
             ema.load_state_dict(state["ema"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best, history = dict(state["best"]), list(state["history"])
+        budget_used = float(state.get("budget_used_s", 0.0))  # by the runs before this one
         if start_step and rt.is_main:
             # Metric sums of the interrupted epoch (already summed over ranks).
             partial = state["partial"]
@@ -498,7 +519,15 @@ def _fit(
         dtype,
         input_size(data_config),
         stop=stop,
+        clock=clock,
     )
+    budget = cfg.budget_seconds
+    if budget is not None:
+        ctx.deadline = clock_start + budget - budget_used
+
+    def used() -> float:
+        return budget_used + clock() - clock_start
+
     eval_model = ema.module if ema is not None else net
     board = Board(out_uri, enabled=rt.is_main)
     meta = {
@@ -526,6 +555,7 @@ def _fit(
             "history": history,
             "seed": cfg.seed,
             "world": rt.world,
+            "budget_used_s": used(),
         }
         save_checkpoint(storage.join(out_uri, LAST), state)
 
@@ -541,10 +571,57 @@ def _fit(
 
         return hook
 
+    def save_best(epoch: int, step: int = 0) -> None:
+        nonlocal best_state
+        best_state = _state_copy(unwrap(eval_model))
+        if rt.is_main:
+            save_checkpoint(
+                storage.join(out_uri, BEST),
+                {
+                    **meta,
+                    "model": best_state,
+                    "epoch": epoch,
+                    "step": step,
+                    "val_acc": best["val_acc"],
+                },
+            )
+
+    def _out_of_time(epoch: int, step: int, total: torch.Tensor, seconds: float) -> None:
+        """Budget spent before step ``step`` of ``epoch``: keep a resumable position and
+        let the partial epoch's weights compete for best.pt."""
+        nonlocal best
+        if rt.is_main:
+            log.info("time budget spent at epoch %d step %d: stopping", epoch + 1, step)
+        if step > 0 and loaders.val is not None:
+            val = evaluate(
+                eval_model, loaders.val, rt, dtype=dtype, channels_last=cfg.channels_last
+            )
+            if val["acc"] is not None and (best["val_acc"] is None or val["acc"] > best["val_acc"]):
+                best = {"epoch": epoch + 1, "step": step, "val_acc": val["acc"]}
+                save_best(epoch + 1, step)
+        elif step > 0 and best["val_acc"] is None:  # no validation split: the latest counts
+            best = {"epoch": epoch + 1, "step": step, "val_acc": None}
+            save_best(epoch + 1, step)
+        if rt.is_main:
+            save_last(epoch, step, total, seconds)
+        barrier(rt)
+
+    stop_reason = "epochs"
+    patience = cfg.early_stop_patience
     # From here on SIGTERM/SIGINT stop the run at the next step with a resumable last.pt.
     with ctx.stop:
         try:
             for epoch in range(start_epoch, cfg.epochs):
+                # Checked before an epoch (not after), so a resumed run that had already
+                # stopped for lack of improvement stops again instead of training on.
+                if (
+                    patience
+                    and start_step == 0
+                    and best["val_acc"] is not None
+                    and epoch - best["epoch"] >= patience
+                ):
+                    stop_reason = "no_improvement"
+                    break
                 loaders.train.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
                 carried, epoch_seconds = None, 0.0
                 if partial is not None:
@@ -568,6 +645,10 @@ def _fit(
                     if rt.is_main:
                         save_last(epoch, progress.steps_done, total, seconds)
                     _preempted(signum, epoch, progress.steps_done, out_uri, rt)
+                if progress.out_of_time:
+                    stop_reason = "time_budget"
+                    _out_of_time(epoch, progress.steps_done, total, seconds)
+                    break
                 n = float(total[COUNT])
                 record: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -595,7 +676,6 @@ def _fit(
                 improved = score is None or best["val_acc"] is None or score > best["val_acc"]
                 if improved:
                     best = {"epoch": epoch + 1, "val_acc": score}
-                    best_state = _state_copy(unwrap(eval_model))
                 if rt.is_main:
                     log.info(
                         "epoch %d/%d train_loss %s train_acc %s val_acc %s %.1f img/s",
@@ -606,16 +686,9 @@ def _fit(
                         _fmt(record.get("val_acc")),
                         record["images_per_s"],
                     )
-                    if improved:
-                        save_checkpoint(
-                            storage.join(out_uri, BEST),
-                            {
-                                **meta,
-                                "model": best_state,
-                                "epoch": epoch + 1,
-                                "val_acc": best["val_acc"],
-                            },
-                        )
+                if improved:
+                    save_best(epoch + 1)
+                if rt.is_main:
                     save_last(epoch + 1, 0, None, 0.0)
                     write_history(out_uri, history)
                     board.scalars(record, epoch + 1)
@@ -641,6 +714,14 @@ def _fit(
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
+        # Why training ended: "epochs" (all done), "time_budget" or "no_improvement".
+        "stop": {
+            "reason": stop_reason,
+            "epochs_done": len(history),
+            "time_budget_s": budget,
+            "budget_left_s": None if budget is None else max(budget - used(), 0.0),
+            "early_stop_patience": patience,
+        },
         "history": history,
         # DDP keeps replicas identical; every rank's fingerprint of its final weights shows it.
         "rank_fingerprints": [f.tolist() for f in all_gather(weights_fingerprint(model), rt)],
