@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from kaedama import cli
 from kaedama.config import ConfigError
@@ -105,3 +106,61 @@ def test_early_stop_patience_stops_and_a_resume_respects_it(toy, tmp_path, capsy
     # Without patience the same run continues to its last epoch.
     longer = fit(manifest, str(out), replace(cfg, resume=True))
     assert longer["stop"]["reason"] == "epochs" and len(longer["history"]) == 6
+
+
+# --------------------------------------------------------------------------- --init-from
+
+
+def test_init_from_same_classes_loads_every_weight_and_starts_fresh(toy, tmp_path, capsys):
+    from kaedama.train.model import load_trained
+
+    _, manifest = toy
+    first = tmp_path / "first"
+    fit(manifest, str(first), replace(FAST, max_steps_per_epoch=2))
+    source = load_checkpoint(str(first / BEST))
+    out = tmp_path / "second"
+    argv = ["train", manifest, "--out", str(out), "--model", "test_resnet", "--img-size", "32"]
+    argv += ["--epochs", "1", "--workers", "0", "--batch-size", "16", "--lr", "1e-9"]
+    assert cli.main([*argv, "--warmup-epochs", "0", "--init-from", str(first / BEST)]) == 0
+    assert f"initialised from {first / BEST}: head kept" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["lineage"]["init_from"]["head"] == "kept"
+    assert len(result["history"]) == 1  # a fresh run: its own epochs, optimiser, schedule
+    # lr ~ 0: the weights are still the source's (BatchNorm statistics aside).
+    trained = load_trained(str(out / LAST)).model.state_dict()
+    for key, value in source["model"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.allclose(trained[key], value, atol=1e-5), key
+
+
+def test_init_from_other_classes_keeps_the_backbone_and_rebuilds_the_head(toy, tmp_path):
+    from kaedama.manifest import read_manifest, write_manifest
+    from kaedama.train.model import ModelError
+
+    _, manifest = toy
+    first = tmp_path / "first"
+    fit(manifest, str(first), replace(FAST, max_steps_per_epoch=1))
+    rows = read_manifest(manifest).rows
+    for row in rows:  # γ becomes δ: one class removed, one added
+        if row.label == "γ":
+            row.label = "δ"
+    write_manifest(str(tmp_path / "m2.jsonl"), rows)
+    cfg = replace(FAST, max_steps_per_epoch=1, lr=1e-9, init_from=str(first / BEST))
+    result = fit(str(tmp_path / "m2.jsonl"), str(tmp_path / "second"), cfg)
+    report = result["lineage"]["init_from"]
+    assert report["head"] == "rebuilt"
+    assert (report["classes_added"], report["classes_removed"]) == (["δ"], ["γ"])
+    assert result["classes"] == ["α", "β", "δ"]
+    before = load_checkpoint(str(first / BEST))["model"]
+    after = load_checkpoint(str(tmp_path / "second" / LAST))["model"]
+    backbone = [k for k in before if not k.startswith("fc.") and before[k].is_floating_point()]
+    backbone = [k for k in backbone if "running" not in k]  # BatchNorm statistics move
+    assert len(backbone) > 10
+    for key in backbone:
+        assert torch.allclose(after[key], before[key], atol=1e-5), key
+    assert not torch.allclose(after["fc.weight"], before["fc.weight"], atol=1e-3)
+
+    with pytest.raises(ModelError, match="holds a 'test_resnet' model"):
+        fit(manifest, str(tmp_path / "x"), replace(cfg, model="test_convnext"))
+    with pytest.raises(ConfigError, match="init_from replaces the pretrained weights"):
+        replace(cfg, pretrained=True)

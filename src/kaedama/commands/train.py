@@ -64,6 +64,13 @@ def _summary(result: dict) -> str:
         f"best epoch {result['best_epoch']}: val_acc {pct(result['best_val_acc'])}, "
         f"test_acc {pct(result.get('test_acc'))} -> {result['out']}"
     )
+    init = (result.get("lineage") or {}).get("init_from")
+    if init:
+        changes = [f"+{c}" for c in init["classes_added"]] + [
+            f"-{c}" for c in init["classes_removed"]
+        ]
+        line += f"\ninitialised from {init['checkpoint']}: head {init['head']}"
+        line += f" (classes {' '.join(changes)})" if changes else ""
     stop = result.get("stop") or {}
     if stop.get("reason") == "time_budget":
         line += f"\nstopped: time budget spent after {stop['epochs_done']} full epoch(s)"

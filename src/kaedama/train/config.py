@@ -23,6 +23,14 @@ class TrainConfig:
     pretrained_path: str = field(
         default="", metadata={"help": "local/gs:// file with pretrained weights (offline)"}
     )
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "start from a kaedama checkpoint's weights (best.pt/last.pt, same model): "
+            "all of them with the same classes, else the backbone with a new head; a fresh "
+            "run, unlike --resume"
+        },
+    )
     img_size: int = field(
         default=0, metadata={"help": "input size; 0 = the model's own data config"}
     )
@@ -251,6 +259,8 @@ def _problems(cfg: TrainConfig) -> list[str]:
         "must be increasing epochs > 0",
     )
     need(bool(cfg.model.strip()), "model", "must name a timm model")
+    if cfg.init_from and (cfg.pretrained or cfg.pretrained_path):
+        out.append("init_from replaces the pretrained weights: drop --pretrained/--pretrained-path")
     need(cfg.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 = off)")
     if cfg.time_budget.strip():
         try:

@@ -54,6 +54,7 @@ from kaedama.train.data import (
 from kaedama.train.history import Board, write_history
 from kaedama.train.model import (
     create_from_config,
+    init_from_checkpoint,
     input_size,
     resolve_data_config,
     unwrap,
@@ -469,6 +470,18 @@ def _fit(
         raise TrainError(f"need at least 2 classes to train a classifier, found {list(classes)}")
     seed_everything(derive_seed(cfg.seed, _INIT), rt.device)  # same initial weights on every rank
     model = create_from_config(cfg, len(classes))
+    init_report = None
+    resuming = cfg.resume and storage.exists(storage.join(out_uri, LAST))
+    if cfg.init_from and not resuming:  # a resumed run already holds the initialised weights
+        init_report = init_from_checkpoint(model, cfg.init_from, cfg.model, classes)
+        if rt.is_main:
+            log.info(
+                "initialised from %s: head %s, classes added %s, removed %s",
+                cfg.init_from,
+                init_report["head"],
+                init_report["classes_added"] or "none",
+                init_report["classes_removed"] or "none",
+            )
     data_config = resolve_data_config(model, cfg.img_size, max_pixels=cfg.max_pixels)
     model.to(rt.device)
     if cfg.channels_last:
@@ -496,6 +509,7 @@ def _fit(
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best, history = dict(state["best"]), list(state["history"])
         budget_used = float(state.get("budget_used_s", 0.0))  # by the runs before this one
+        init_report = (state.get("lineage") or {}).get("init_from")
         if start_step and rt.is_main:
             # Metric sums of the interrupted epoch (already summed over ranks).
             partial = state["partial"]
@@ -535,7 +549,7 @@ def _fit(
         "classes": list(classes),
         "data_config": data_config,
         "config": config_to_dict(cfg),
-        "lineage": lineage(splits, cfg),
+        "lineage": {**lineage(splits, cfg), "init_from": init_report},
     }
     best_state: dict[str, torch.Tensor] | None = None
     epoch_seconds = 0.0

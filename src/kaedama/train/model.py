@@ -252,6 +252,62 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _head_prefix(model: nn.Module) -> str:
+    """The classifier's parameter-name prefix (``fc.``, ``head.fc.``, ``classifier.``)."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
+    if not name:
+        raise ModelError(f"{type(model).__name__} does not name its classifier; cannot rebuild it")
+    return name + "."
+
+
+def init_from_checkpoint(
+    model: nn.Module, uri: str, model_name: str, classes: tuple[str, ...]
+) -> dict[str, Any]:
+    """Load a kaedama checkpoint's weights into a fresh ``model`` (``--init-from``).
+
+    Same classes in the same order: every weight. Otherwise the backbone only; the
+    classifier keeps its fresh initialisation for the new class list.
+
+    Returns:
+        A report: the checkpoint, whether the head was ``kept`` or ``rebuilt``, and the
+        classes added and removed.
+
+    Raises:
+        ModelError: another architecture, or weights that do not fit (e.g. a fixed-size
+            model trained at another input size).
+    """
+    from kaedama.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(uri)
+    if ckpt.get("model_name") != model_name:
+        raise ModelError(
+            f"--init-from {uri} holds a {ckpt.get('model_name')!r} model but this run trains "
+            f"{model_name!r}; pass --model {ckpt.get('model_name')} or another checkpoint"
+        )
+    old = tuple(ckpt.get("classes", ()))
+    weights = dict(ckpt["model"])
+    same = old == classes
+    if not same:
+        head = _head_prefix(model)
+        weights = {k: v for k, v in weights.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=same)
+    except RuntimeError as exc:
+        raise ModelError(f"--init-from {uri}: its weights do not fit this model ({exc})") from exc
+    if not same and (unexpected or any(not k.startswith(head) for k in missing)):
+        raise ModelError(
+            f"--init-from {uri}: weights do not match the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    return {
+        "checkpoint": uri,
+        "head": "kept" if same else "rebuilt",
+        "classes_added": [c for c in classes if c not in old],
+        "classes_removed": [c for c in old if c not in classes],
+        "reordered": not same and sorted(old) == sorted(classes),
+    }
+
+
 def load_trained(uri: str, *, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a trained model from a kaedama checkpoint (``best.pt`` or ``last.pt``).
 
