@@ -83,7 +83,14 @@ def test_pretrained_resolves_file_then_package_then_hub(tmp_path):
 def test_pretrained_from_the_package_keeps_the_backbone_and_resets_the_head():
     _require("tf_efficientnet_lite0")
     model = create_model("tf_efficientnet_lite0", 3, pretrained=True)
-    assert model.get_classifier().out_features == 3
+    head = model.get_classifier()
+    assert head.out_features == 3
+    # A new head starts at zero: uniform predictions, not timm's large random logits.
+    assert not head.weight.any() and not head.bias.any()
+    same = create_model("tf_efficientnet_lite0", 1000, pretrained=True).get_classifier()
+    assert torch.equal(
+        same.weight, bundled_state_dict("tf_efficientnet_lite0")["classifier.weight"]
+    )
     state, imagenet = model.state_dict(), bundled_state_dict("tf_efficientnet_lite0")
     backbone = [k for k in imagenet if not k.startswith("classifier.")]
     assert len(backbone) == 294
