@@ -56,3 +56,30 @@ def test_trainjob_args_are_a_valid_kaedama_train_command_line(target):
     # Preemptible pods restart the same command: it must resume, not start over.
     assert cfg.resume is True
     assert (cfg.model, cfg.pretrained) == ("resnet50", True)
+
+
+def _quantity(value: str) -> float:
+    """A Kubernetes binary-suffixed quantity (``8Gi``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda p: p.name)
+def test_dataloader_workers_get_a_bounded_memory_backed_dev_shm(target):
+    job = kustomize(target)[0]
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"  # the torch-distributed runtime's replicated job
+    pod = node["template"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    assert container["name"] == "node"  # and its trainer container
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    # RAM-backed: it counts against the pod's memory, so it must stay below the limit.
+    limit = job["spec"]["trainer"]["resourcesPerNode"]["limits"]["memory"]
+    assert 0 < _quantity(shm["sizeLimit"]) < _quantity(limit)

@@ -266,6 +266,11 @@ def test_trains_on_the_manifest_of_the_dedup_and_split_stages(tmp_path, capsys):
     assert history["train_skipped"] == history["val_skipped"] == result["test_skipped"] == 0
     assert history["train_images"] == kept["train"] - kept["train"] % 4
     assert history["val_images"] == kept["val"] and result["test_images"] == kept["test"]
+    # Lineage: the hash recipe the dedup stage recorded in the manifest header.
+    header = read_manifest(str(split / "manifest.jsonl")).header
+    assert header.get("hash_recipe")
+    assert result["lineage"]["hash_recipe"] == header["hash_recipe"]
+    assert load_checkpoint(str(out / BEST))["lineage"] == result["lineage"]
 
 
 def test_loss_decreases_on_a_learnable_set(toy, tmp_path):
@@ -622,3 +627,160 @@ def test_gcs_manifest_and_output(toy, gcs_bucket, tmp_path):
     assert load_trained(f"{out}/{BEST}").classes == ("α", "β", "γ")
     assert storage.exists(f"{out}/history.csv")
     assert storage.list_files(f"{out}/tb")
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"workers": -1}, "workers"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"hflip": 1.5}, "hflip"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"scale": (0.9, 0.2)}, "scale"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"mixup_prob": 0.7, "cutmix_prob": 0.7}, "sum to"),
+    ],
+)
+def test_config_is_validated_on_construction(overrides, field):
+    from kaedama.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**overrides)
+    with pytest.raises(ConfigError, match=field):  # replace() re-validates too
+        replace(FAST, **overrides)
+
+
+def test_cli_reports_a_bad_config_value_without_a_traceback(tmp_path, capsys):
+    code = cli.main(["train", "m.jsonl", "--out", str(tmp_path), "--lr", "-1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "lr=-1.0 must be > 0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_img_size_builds_fixed_size_models_at_that_size(name):
+    model = create_model(name, 3, img_size=160).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 160, 160)).shape == (1, 3)
+
+
+def test_img_size_trains_and_reloads_a_fixed_size_model(toy, tmp_path):
+    _, manifest = toy
+    out = tmp_path / "vit"
+    fit(manifest, str(out), replace(FAST, model="test_vit", max_steps_per_epoch=1))
+    trained = load_trained(str(out / BEST))
+    assert trained.data_config["input_size"] == [3, 32, 32]
+    with torch.no_grad():
+        assert trained.model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_img_size_a_model_cannot_take_is_a_clear_error(toy, tmp_path):
+    with pytest.raises(ModelError, match="cannot run at --img-size 30"):
+        create_model("test_vit", 3, img_size=30)
+
+
+def test_resume_refuses_another_world_size_unless_the_global_batch_is_kept(toy, tmp_path):
+    from kaedama.train.runtime import Runtime
+
+    _, manifest = toy
+    out = tmp_path / "run"
+    fit(manifest, str(out), replace(FAST, max_steps_per_epoch=1))  # 1 process x 16
+    # 2 processes x 16 would shift the data position and the LR schedule: refused
+    # before any collective runs (so a world-2 Runtime without a process group suffices).
+    with pytest.raises(CheckpointError, match=r"--batch-size 8 with 2 processes keeps it"):
+        fit(manifest, str(out), replace(FAST, resume=True), runtime=Runtime(world=2))
+    with pytest.raises(CheckpointError, match="resume with 1 processes"):
+        fit(manifest, str(out), replace(FAST, resume=True, batch_size=5), runtime=Runtime(world=3))
+
+
+def test_resume_refuses_another_manifest_with_the_same_classes(toy, tmp_path):
+    _, manifest = toy
+    out = tmp_path / "run"
+    first = fit(manifest, str(out), replace(FAST, max_steps_per_epoch=1))
+    assert first["lineage"]["manifest_uri"] == manifest
+    rows = read_manifest(manifest).rows
+    moved = next(r for r in rows if r.split == "val")
+    moved.split = "train"  # same classes, one more training row
+    write_manifest(str(tmp_path / "other.jsonl"), rows)
+    with pytest.raises(CheckpointError, match="other rows change the data order"):
+        fit(str(tmp_path / "other.jsonl"), str(out), replace(FAST, resume=True))
+    # The same manifest resumes (the last.pt of an ended 1-epoch run: nothing left to do).
+    again = fit(manifest, str(out), replace(FAST, resume=True, max_steps_per_epoch=1))
+    assert again["history"] == first["history"]
+
+
+def test_val_test_rows_with_labels_absent_from_train_are_counted(toy, tmp_path, capsys):
+    root, _ = toy
+    photo = sorted((root / "img").rglob("*.*"))[0]
+    extra = [
+        Row(uri=str(photo), label="δ", split="val"),
+        Row(uri=str(photo), label="δ", split="test"),
+        Row(uri=str(photo), label="ε", split="test"),
+    ]
+    manifest = split_manifest(root / "img", tmp_path / "m.jsonl", extra=extra)
+    out = tmp_path / "run"
+    argv = ["train", manifest, "--out", str(out), "--model", "test_resnet", "--img-size", "32"]
+    assert cli.main([*argv, "--epochs", "1", "--workers", "0", "--max-steps-per-epoch", "1"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["unknown_label_images"] == 3
+    assert result["unknown_labels"] == {"δ": 2, "ε": 1}
+    assert result["history"][0]["val_images"] == 18 and result["test_images"] == 9
+    printed = capsys.readouterr().out
+    assert "3 val/test image(s) with labels absent from train (δ, ε)" in printed
+
+
+def test_training_runs_without_tensorboard_and_says_so_once(toy, tmp_path, monkeypatch, caplog):
+    from kaedama.train import history
+
+    # What a machine without the tensorboard extra does: the import fails.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(history, "_told_off", False)
+    _, manifest = toy
+    cfg = replace(FAST, max_steps_per_epoch=1, trials=2)
+    with caplog.at_level("WARNING", logger="kaedama.train.history"):
+        summary = fit_trials(manifest, tmp_path / "runs", cfg)
+    assert len(summary["runs"]) == 2
+    notes = [r for r in caplog.records if "TensorBoard logging is off" in r.getMessage()]
+    assert len(notes) == 1
+    assert (tmp_path / "runs" / "trial-1" / "history.csv").is_file()
+    assert not (tmp_path / "runs" / "trial-0" / "tb").exists()
+
+
+def test_validation_accuracy_equals_preprocess_and_the_saved_model(toy, tmp_path):
+    """What training records as val accuracy is what evaluation/serving compute from best.pt:
+    the same Preprocess (built from the checkpoint's data config) and the same weights."""
+    import hashlib
+
+    import numpy as np
+
+    import kaedama
+    from kaedama.preprocess import Preprocess
+
+    _, manifest = toy
+    out = tmp_path / "run"
+    cfg = replace(FAST, epochs=3, max_pixels=5_000_000)
+    result = fit(manifest, str(out), cfg)
+    best = load_checkpoint(str(out / BEST))
+    preprocess = Preprocess.from_data_config(best["data_config"])
+    # The checkpoint holds the full Preprocess config, decode options included.
+    assert best["data_config"] == preprocess.to_data_config()
+    assert best["data_config"]["decode"] == {"draft": True, "max_pixels": 5_000_000}
+    trained = load_trained(str(out / BEST))
+    val = load_splits(manifest).val
+    inputs = np.stack([preprocess(Path(e.uri).read_bytes(), uri=e.uri) for e in val])
+    with torch.no_grad():
+        predicted = trained.model(torch.from_numpy(inputs)).argmax(-1)
+    targets = torch.tensor([e.target for e in val])
+    accuracy = int((predicted == targets).sum()) / len(val)
+    assert best["val_acc"] == result["best_val_acc"]
+    assert accuracy == pytest.approx(result["best_val_acc"], abs=1e-9)
+    # Lineage: which manifest (exact bytes) and which kaedama trained it.
+    digest = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+    for lineage in (best["lineage"], result["lineage"]):
+        assert lineage["manifest_uri"] == manifest
+        assert lineage["manifest_sha256"] == digest
+        assert lineage["kaedama_version"] == kaedama.__version__

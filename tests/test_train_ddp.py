@@ -203,3 +203,36 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_one_step_and_resumes(holey, sing
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming" in done.stderr
     _matches_single(single, out)
+
+
+@pytest.mark.slow
+def test_one_process_run_resumes_under_torchrun_with_the_same_global_batch(holey, single, tmp_path):
+    """1 x 16 stopped mid-epoch, resumed as 2 x 8: the same run as the uninterrupted one."""
+    from kaedama.train.runtime import Preempted
+    from tests.test_train import StopAtPoll
+
+    manifest, _ = holey
+    out = tmp_path / "moved"
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(Preempted):
+            fit(manifest, str(out), replace(CFG, threads=1), stop=StopAtPoll(2))
+    finally:
+        torch.set_num_threads(before)
+    assert load_checkpoint(str(out / LAST))["world"] == 1
+    done = subprocess.run(
+        _torchrun(manifest, out, "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one_dir, one = single
+    result = json.loads((out / "result.json").read_text())
+    for a, b in zip(one["history"], result["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_acc"] == pytest.approx(a["val_acc"])
+    w1 = weights(load_checkpoint(str(one_dir / LAST))["model"])
+    w2 = weights(load_checkpoint(str(out / LAST))["model"])
+    assert torch.allclose(w1, w2, rtol=1e-3, atol=1e-5), (w1 - w2).abs().max()

@@ -60,10 +60,35 @@ def _summary(result: dict) -> str:
                 stats = result[key]
                 parts.append(f"{key} {pct(stats['mean'])} ± {pct(stats['std'])}")
         return ", ".join(parts) + f" -> {result['out']}"
-    return (
+    line = (
         f"best epoch {result['best_epoch']}: val_acc {pct(result['best_val_acc'])}, "
         f"test_acc {pct(result.get('test_acc'))} -> {result['out']}"
     )
+    init = (result.get("lineage") or {}).get("init_from")
+    if init:
+        changes = [f"+{c}" for c in init["classes_added"]] + [
+            f"-{c}" for c in init["classes_removed"]
+        ]
+        line += f"\ninitialised from {init['checkpoint']}: head {init['head']}"
+        line += f" (classes {' '.join(changes)})" if changes else ""
+    stop = result.get("stop") or {}
+    if stop.get("reason") == "time_budget":
+        line += f"\nstopped: time budget spent after {stop['epochs_done']} full epoch(s)"
+    elif stop.get("reason") == "no_improvement":
+        line += (
+            f"\nstopped: no val improvement in {stop['early_stop_patience']} epochs "
+            f"(after {stop['epochs_done']})"
+        )
+    if stop.get("budget_left_s") is not None:
+        line += f"; {stop['budget_left_s']:.0f} s of the time budget left"
+    unknown = result.get("unknown_label_images", 0)
+    if unknown:
+        labels = ", ".join(sorted(result.get("unknown_labels", {})))
+        line += (
+            f"\nnote: {unknown} val/test image(s) with labels absent from train ({labels}) "
+            "were left out of val/test accuracy"
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ Three ideas keep training reproducible and robust:
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kaedama import images, storage
 from kaedama.errors import KaedamaError
-from kaedama.manifest import Row, read_manifest
+from kaedama.manifest import Row, parse_manifest
+from kaedama.preprocess import Preprocess
 from kaedama.train import augment
 from kaedama.train.config import TrainConfig
 from kaedama.train.model import input_size
@@ -84,6 +85,9 @@ class Splits:
     val: tuple[Example, ...]
     test: tuple[Example, ...]
     unknown_labels: dict[str, int]  # val/test rows whose label never occurs in train
+    manifest_uri: str = ""
+    manifest_sha256: str = ""  # of the manifest file's bytes: which rows exactly
+    header: dict[str, Any] | None = None  # the manifest header (hash recipe, writer stage)
 
 
 def derive_seed(*parts: int) -> int:
@@ -117,7 +121,13 @@ def load_splits(manifest_uri: str) -> Splits:
     Raises:
         DataError: when the manifest has no kept training rows.
     """
-    rows = read_manifest(manifest_uri).rows
+    data = storage.read_bytes(manifest_uri)  # read once: hashed for lineage, then parsed
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{manifest_uri} is not UTF-8 text ({exc}); is it a manifest?") from exc
+    manifest = parse_manifest(text, uri=manifest_uri)
+    rows = manifest.rows
     classes = class_names(rows)
     if not classes:
         splits = Counter(r.split or "(none)" for r in rows if r.status == "kept")
@@ -147,6 +157,9 @@ def load_splits(manifest_uri: str) -> Splits:
         val=tuple(out["val"]),
         test=tuple(out["test"]),
         unknown_labels=dict(unknown),
+        manifest_uri=manifest_uri,
+        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        header=dict(manifest.header),
     )
 
 
@@ -158,23 +171,31 @@ class ManifestDataset(Dataset):
 
     Args:
         examples: what to load.
-        transform: PIL image -> tensor (train or eval transform).
+        transform: PIL image -> tensor (the training augmentation).
         max_pixels: refuse images larger than this (decompression bombs).
         draft: reduced-size JPEG decoding, ``(w, h)`` the decoded image must still cover.
+        preprocess: evaluation: bytes -> model input through exactly this
+            :class:`~kaedama.preprocess.Preprocess` (decode options included), what
+            ``kaedama evaluate`` and serving run; ``transform``, ``max_pixels`` and
+            ``draft`` are then unused.
     """
 
     def __init__(
         self,
         examples: Sequence[Example],
-        transform: Callable[[Any], torch.Tensor],
+        transform: Callable[[Any], torch.Tensor] | None = None,
         *,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         draft: tuple[int, int] | None = None,
+        preprocess: Preprocess | None = None,
     ):
+        if (transform is None) == (preprocess is None):
+            raise ValueError("ManifestDataset needs a transform (training) or a preprocess")
         self.examples = list(examples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft = draft
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -184,6 +205,8 @@ class ManifestDataset(Dataset):
         example = self.examples[index]
         try:
             data = storage.read_bytes(example.uri)
+            if self.preprocess is not None:
+                return torch.from_numpy(self.preprocess(data, uri=example.uri)), example.target
             image = images.decode(
                 data, max_pixels=self.max_pixels, draft=self.draft, uri=example.uri
             )
@@ -331,16 +354,13 @@ class EpochSampler(Sampler):
 
 
 def _loader(
-    examples: tuple[Example, ...],
-    transform: Callable,
+    dataset: ManifestDataset,
     sampler: EpochSampler,
     cfg: TrainConfig,
     rt: Runtime,
     *,
-    draft: tuple[int, int],
     drop_last: bool,
 ) -> DataLoader:
-    dataset = ManifestDataset(examples, transform, max_pixels=cfg.max_pixels, draft=draft)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -363,13 +383,16 @@ class Loaders:
 
 
 def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> Loaders:
-    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order)."""
+    """Train loader (shuffled, balanced, sharded) and val/test loaders (sharded, in order).
+
+    Val/test images go through the :class:`~kaedama.preprocess.Preprocess` built from
+    ``data_config`` (the one saved in the checkpoints), so validation figures equal what
+    ``kaedama evaluate`` and serving compute from the saved model.
+    """
     h, w = input_size(data_config)
     # JPEGs decode at reduced size when much larger than needed: training keeps twice
-    # the input size (random crops still see native detail), evaluation the resize size.
+    # the input size (random crops still see native detail).
     train_draft = (2 * w, 2 * h)
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    eval_draft = (math.ceil(w / crop_pct), math.ceil(h / crop_pct))
     sampler = EpochSampler(
         [e.target for e in splits.train],
         seed=cfg.seed,
@@ -381,19 +404,17 @@ def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> L
     # Full batches only (BatchNorm and DDP want equal, non-tiny batches) unless the
     # shard is smaller than one batch.
     drop_last = len(sampler) >= cfg.batch_size
-    train = _loader(
+    dataset = ManifestDataset(
         splits.train,
         augment.build_train_transform(data_config, cfg),
-        sampler,
-        cfg,
-        rt,
+        max_pixels=cfg.max_pixels,
         draft=train_draft,
-        drop_last=drop_last,
     )
+    train = _loader(dataset, sampler, cfg, rt, drop_last=drop_last)
     steps = len(train)
     if cfg.max_steps_per_epoch > 0:
         steps = min(steps, cfg.max_steps_per_epoch)
-    eval_transform = augment.build_eval_transform(data_config, cfg)
+    preprocess = Preprocess.from_data_config(data_config)
 
     def eval_loader(examples: tuple[Example, ...]) -> DataLoader | None:
         if not examples:
@@ -405,6 +426,7 @@ def build_loaders(splits, data_config: dict, cfg: TrainConfig, rt: Runtime) -> L
             world=rt.world,
             pad=False,
         )
-        return _loader(examples, eval_transform, order, cfg, rt, draft=eval_draft, drop_last=False)
+        dataset = ManifestDataset(examples, preprocess=preprocess)
+        return _loader(dataset, order, cfg, rt, drop_last=False)
 
     return Loaders(train, eval_loader(splits.val), eval_loader(splits.test), steps)

@@ -1,7 +1,7 @@
 """Training history: ``history.json``/``history.csv`` and TensorBoard scalars (rank 0 only).
 
-TensorBoard is the optional ``train`` extra: without it the run logs a note and
-writes the history files only.
+TensorBoard is the optional ``tensorboard`` extra: without it the run says once
+(per process) that TensorBoard logging is off and writes the history files only.
 """
 
 from __future__ import annotations
@@ -19,6 +19,24 @@ from typing import Any
 from kaedama import storage
 
 log = logging.getLogger(__name__)
+_told_off = False  # the "TensorBoard logging is off" note is given once per process
+
+
+def _summary_writer() -> type | None:
+    """TensorBoard's ``SummaryWriter``, or None (after one note) when it is not installed."""
+    global _told_off
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if not _told_off:
+            _told_off = True
+            log.warning(
+                "TensorBoard logging is off (%s); history.json/.csv are still written. "
+                "pip install 'kaedama[tensorboard]' to get TensorBoard logs under tb/",
+                exc,
+            )
+        return None
+    return SummaryWriter
 
 
 class Board:
@@ -29,8 +47,9 @@ class Board:
         self.remote = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
+        SummaryWriter = _summary_writer()
+        if SummaryWriter is None:
+            return
         if storage.is_gcs(out_uri):
             # SummaryWriter writes local files only (gs:// needs TensorFlow); mirror them.
             self.local = tempfile.mkdtemp(prefix="kaedama-tb-")

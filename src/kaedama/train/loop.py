@@ -37,14 +37,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import kaedama
 from kaedama import storage
 from kaedama.config import config_to_dict
 from kaedama.train import augment, optim
 from kaedama.train.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from kaedama.train.config import TrainConfig
-from kaedama.train.data import Batch, build_loaders, derive_seed, load_splits, seed_everything
+from kaedama.train.data import (
+    Batch,
+    Splits,
+    build_loaders,
+    derive_seed,
+    load_splits,
+    seed_everything,
+)
 from kaedama.train.history import Board, write_history
-from kaedama.train.model import create_from_config, input_size, resolve_data_config, unwrap
+from kaedama.train.model import (
+    create_from_config,
+    init_from_checkpoint,
+    input_size,
+    resolve_data_config,
+    unwrap,
+    weights_source,
+)
 from kaedama.train.runtime import (
     Preempted,
     Runtime,
@@ -112,6 +127,8 @@ class StepContext:
     input_hw: tuple[int, int]
     skipped_seen: set[str] = field(default_factory=set)
     stop: StopSignal = field(default_factory=StopSignal)  # polled before every step
+    deadline: float | None = None  # clock() value at which the time budget is spent
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -121,6 +138,7 @@ class EpochProgress:
     sums: torch.Tensor  # float64 [loss_sum, correct, count, skipped]
     steps_done: int  # steps of the epoch completed (== steps unless stopped)
     stopped: int  # the signal on which all ranks stopped before finishing the epoch (0 = none)
+    out_of_time: bool = False  # the time budget ended the epoch early (on every rank)
 
 
 def _to_device(batch: Batch, rt: Runtime, channels_last: bool):
@@ -235,14 +253,17 @@ def train_one_epoch(
         return EpochProgress(acc, step, 0)
     fallback: Batch | None = None
     bar = _progress(steps - start_step, f"epoch {epoch + 1}/{cfg.epochs}", rt)
-    stopped = 0
+    stopped, out_of_time = 0, False
     for batch in loader:
         if step >= steps:
             break
         local = 0 if batch.images is None else int(batch.targets.shape[0])
-        total, signum = consensus(local, ctx.stop.received(), rt)
+        over = ctx.deadline is not None and ctx.clock() >= ctx.deadline
+        total, signum, out_of_time = consensus(local, ctx.stop.received(), rt, over)
         if signum:  # before the step: the checkpoint then holds exactly `step` steps
             stopped = signum
+            break
+        if out_of_time:
             break
         _note_skipped(batch, ctx)
         acc[SKIPPED] += len(batch.skipped)
@@ -265,7 +286,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step, acc)
     bar.close()
-    return EpochProgress(acc, step, stopped)
+    return EpochProgress(acc, step, stopped, out_of_time and not stopped)
 
 
 @torch.no_grad()
@@ -323,7 +344,29 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- fit
 
 
-def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> dict | None:
+def lineage(splits: Splits, cfg: TrainConfig) -> dict[str, Any]:
+    """Where a model comes from: the training manifest (URI and sha256 of its bytes), the
+    perceptual-hash recipe its header records, the pretrained weights it started from and
+    the kaedama version that trained it."""
+    return {
+        "manifest_uri": splits.manifest_uri,
+        "manifest_sha256": splits.manifest_sha256,
+        "hash_recipe": (splits.header or {}).get("hash_recipe"),
+        "pretrained": weights_source(cfg),
+        "kaedama_version": kaedama.__version__,
+    }
+
+
+def _resume_state(
+    out_uri: str, cfg: TrainConfig, splits: Splits, rt: Runtime
+) -> dict[str, Any] | None:
+    """``last.pt`` to continue from, or None; refuses a run that would not continue it exactly.
+
+    The data order and LR schedule are functions of the global batch (``batch_size``
+    per rank x ranks) and of the manifest's rows: a resume with another world size is
+    accepted only when the per-rank batch keeps the global batch, and one on another
+    manifest (even with the same classes) is refused.
+    """
     uri = storage.join(out_uri, LAST)
     if not cfg.resume:
         return None
@@ -331,11 +374,34 @@ def _resume_state(out_uri: str, cfg: TrainConfig, classes: tuple[str, ...]) -> d
         log.info("no checkpoint at %s: starting from scratch", uri)
         return None
     state = load_checkpoint(uri)
-    if state.get("model_name") != cfg.model or tuple(state.get("classes", ())) != classes:
+    if state.get("model_name") != cfg.model or tuple(state.get("classes", ())) != splits.classes:
         raise CheckpointError(
             f"{uri} was written for model {state.get('model_name')!r} with "
             f"{len(state.get('classes', ()))} classes, but this run trains {cfg.model!r} with "
-            f"{len(classes)}; use a fresh --out or drop --resume"
+            f"{len(splits.classes)}; use a fresh --out or drop --resume"
+        )
+    world = int(state.get("world", 1))
+    batch = int(state.get("config", {}).get("batch_size", cfg.batch_size))
+    if world * batch != rt.world * cfg.batch_size:
+        keep = world * batch / rt.world
+        hint = (
+            f"--batch-size {int(keep)} with {rt.world} processes keeps it"
+            if keep == int(keep)
+            else f"resume with {world} processes"
+        )
+        raise CheckpointError(
+            f"{uri} was written by {world} process(es) x batch {batch} (global batch "
+            f"{world * batch}); this run has {rt.world} x {cfg.batch_size} = "
+            f"{rt.world * cfg.batch_size}. The data position and LR schedule count global "
+            f"batches, so it would not continue the same run: {hint}, or use a fresh --out"
+        )
+    saved = state.get("lineage") or {}
+    if saved.get("manifest_sha256") and saved["manifest_sha256"] != splits.manifest_sha256:
+        raise CheckpointError(
+            f"{uri} was trained on manifest {saved.get('manifest_uri')} (sha256 "
+            f"{saved['manifest_sha256'][:12]}...), but this run reads {splits.manifest_uri} "
+            f"(sha256 {splits.manifest_sha256[:12]}...): other rows change the data order, "
+            "so the run would not continue. Resume with the same manifest, or use a fresh --out"
         )
     return state
 
@@ -354,8 +420,15 @@ def fit(
     *,
     runtime: Runtime | None = None,
     stop: StopSignal | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Train one model on the manifest's train split; keep ``best.pt`` and ``last.pt``.
+
+    Training ends after ``cfg.epochs`` epochs, when ``cfg.time_budget`` is spent (checked
+    before every step: the partial epoch is validated, ``best.pt``/``last.pt`` written
+    and the test split evaluated; ``last.pt`` resumes mid-epoch), or when validation
+    accuracy has not improved for ``cfg.early_stop_patience`` epochs. ``result["stop"]``
+    says which, and how much of the budget was left.
 
     Args:
         manifest_uri: a split manifest (rows with split train/val/test and status kept).
@@ -364,6 +437,7 @@ def fit(
         runtime: an already initialised runtime (else one is set up and torn down here).
         stop: the :class:`StopSignal` the loop polls (a fresh one by default); its
             handlers are installed while the epochs run.
+        clock: seconds, monotonic: what the time budget is measured with.
 
     Returns:
         A JSON-friendly result: best epoch and validation accuracy, test accuracy,
@@ -374,25 +448,41 @@ def fit(
     """
     rt = runtime or init_runtime(cfg)
     try:
-        return _fit(manifest_uri, out_uri, cfg, rt, stop or StopSignal())
+        return _fit(manifest_uri, out_uri, cfg, rt, stop or StopSignal(), clock)
     finally:
         if runtime is None:
             close_runtime(rt)
 
 
 def _fit(
-    manifest_uri: str, out_uri: str, cfg: TrainConfig, rt: Runtime, stop: StopSignal
+    manifest_uri: str,
+    out_uri: str,
+    cfg: TrainConfig,
+    rt: Runtime,
+    stop: StopSignal,
+    clock: Callable[[], float],
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise TrainError(f"epochs and batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
+    clock_start = clock()
     splits = load_splits(manifest_uri)
     classes = splits.classes
     if len(classes) < 2:
         raise TrainError(f"need at least 2 classes to train a classifier, found {list(classes)}")
     seed_everything(derive_seed(cfg.seed, _INIT), rt.device)  # same initial weights on every rank
     model = create_from_config(cfg, len(classes))
-    data_config = resolve_data_config(model, cfg.img_size)
+    init_report = None
+    resuming = cfg.resume and storage.exists(storage.join(out_uri, LAST))
+    if cfg.init_from and not resuming:  # a resumed run already holds the initialised weights
+        init_report = init_from_checkpoint(model, cfg.init_from, cfg.model, classes)
+        if rt.is_main:
+            log.info(
+                "initialised from %s: head %s, classes added %s, removed %s",
+                cfg.init_from,
+                init_report["head"],
+                init_report["classes_added"] or "none",
+                init_report["classes_removed"] or "none",
+            )
+    data_config = resolve_data_config(model, cfg.img_size, max_pixels=cfg.max_pixels)
     model.to(rt.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -405,10 +495,10 @@ def _fit(
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     ema = optim.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    start_epoch, start_step, partial = 0, 0, None
+    start_epoch, start_step, partial, budget_used = 0, 0, None, 0.0
     best: dict[str, Any] = {"epoch": 0, "val_acc": None}
     history: list[dict[str, Any]] = []
-    state = _resume_state(out_uri, cfg, classes)
+    state = _resume_state(out_uri, cfg, splits, rt)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -418,6 +508,8 @@ def _fit(
             ema.load_state_dict(state["ema"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         best, history = dict(state["best"]), list(state["history"])
+        budget_used = float(state.get("budget_used_s", 0.0))  # by the runs before this one
+        init_report = (state.get("lineage") or {}).get("init_from")
         if start_step and rt.is_main:
             # Metric sums of the interrupted epoch (already summed over ranks).
             partial = state["partial"]
@@ -441,7 +533,15 @@ def _fit(
         dtype,
         input_size(data_config),
         stop=stop,
+        clock=clock,
     )
+    budget = cfg.budget_seconds
+    if budget is not None:
+        ctx.deadline = clock_start + budget - budget_used
+
+    def used() -> float:
+        return budget_used + clock() - clock_start
+
     eval_model = ema.module if ema is not None else net
     board = Board(out_uri, enabled=rt.is_main)
     meta = {
@@ -449,6 +549,7 @@ def _fit(
         "classes": list(classes),
         "data_config": data_config,
         "config": config_to_dict(cfg),
+        "lineage": {**lineage(splits, cfg), "init_from": init_report},
     }
     best_state: dict[str, torch.Tensor] | None = None
     epoch_seconds = 0.0
@@ -468,6 +569,7 @@ def _fit(
             "history": history,
             "seed": cfg.seed,
             "world": rt.world,
+            "budget_used_s": used(),
         }
         save_checkpoint(storage.join(out_uri, LAST), state)
 
@@ -483,10 +585,57 @@ def _fit(
 
         return hook
 
+    def save_best(epoch: int, step: int = 0) -> None:
+        nonlocal best_state
+        best_state = _state_copy(unwrap(eval_model))
+        if rt.is_main:
+            save_checkpoint(
+                storage.join(out_uri, BEST),
+                {
+                    **meta,
+                    "model": best_state,
+                    "epoch": epoch,
+                    "step": step,
+                    "val_acc": best["val_acc"],
+                },
+            )
+
+    def _out_of_time(epoch: int, step: int, total: torch.Tensor, seconds: float) -> None:
+        """Budget spent before step ``step`` of ``epoch``: keep a resumable position and
+        let the partial epoch's weights compete for best.pt."""
+        nonlocal best
+        if rt.is_main:
+            log.info("time budget spent at epoch %d step %d: stopping", epoch + 1, step)
+        if step > 0 and loaders.val is not None:
+            val = evaluate(
+                eval_model, loaders.val, rt, dtype=dtype, channels_last=cfg.channels_last
+            )
+            if val["acc"] is not None and (best["val_acc"] is None or val["acc"] > best["val_acc"]):
+                best = {"epoch": epoch + 1, "step": step, "val_acc": val["acc"]}
+                save_best(epoch + 1, step)
+        elif step > 0 and best["val_acc"] is None:  # no validation split: the latest counts
+            best = {"epoch": epoch + 1, "step": step, "val_acc": None}
+            save_best(epoch + 1, step)
+        if rt.is_main:
+            save_last(epoch, step, total, seconds)
+        barrier(rt)
+
+    stop_reason = "epochs"
+    patience = cfg.early_stop_patience
     # From here on SIGTERM/SIGINT stop the run at the next step with a resumable last.pt.
     with ctx.stop:
         try:
             for epoch in range(start_epoch, cfg.epochs):
+                # Checked before an epoch (not after), so a resumed run that had already
+                # stopped for lack of improvement stops again instead of training on.
+                if (
+                    patience
+                    and start_step == 0
+                    and best["val_acc"] is not None
+                    and epoch - best["epoch"] >= patience
+                ):
+                    stop_reason = "no_improvement"
+                    break
                 loaders.train.sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
                 carried, epoch_seconds = None, 0.0
                 if partial is not None:
@@ -510,6 +659,10 @@ def _fit(
                     if rt.is_main:
                         save_last(epoch, progress.steps_done, total, seconds)
                     _preempted(signum, epoch, progress.steps_done, out_uri, rt)
+                if progress.out_of_time:
+                    stop_reason = "time_budget"
+                    _out_of_time(epoch, progress.steps_done, total, seconds)
+                    break
                 n = float(total[COUNT])
                 record: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -537,7 +690,6 @@ def _fit(
                 improved = score is None or best["val_acc"] is None or score > best["val_acc"]
                 if improved:
                     best = {"epoch": epoch + 1, "val_acc": score}
-                    best_state = _state_copy(unwrap(eval_model))
                 if rt.is_main:
                     log.info(
                         "epoch %d/%d train_loss %s train_acc %s val_acc %s %.1f img/s",
@@ -548,16 +700,9 @@ def _fit(
                         _fmt(record.get("val_acc")),
                         record["images_per_s"],
                     )
-                    if improved:
-                        save_checkpoint(
-                            storage.join(out_uri, BEST),
-                            {
-                                **meta,
-                                "model": best_state,
-                                "epoch": epoch + 1,
-                                "val_acc": best["val_acc"],
-                            },
-                        )
+                if improved:
+                    save_best(epoch + 1)
+                if rt.is_main:
                     save_last(epoch + 1, 0, None, 0.0)
                     write_history(out_uri, history)
                     board.scalars(record, epoch + 1)
@@ -576,9 +721,21 @@ def _fit(
         "classes": list(classes),
         "seed": cfg.seed,
         "world_size": rt.world,
+        "lineage": meta["lineage"],
+        # Val/test rows whose label never occurs in train: left out of every figure.
+        "unknown_label_images": sum(splits.unknown_labels.values()),
+        "unknown_labels": splits.unknown_labels,
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
+        # Why training ended: "epochs" (all done), "time_budget" or "no_improvement".
+        "stop": {
+            "reason": stop_reason,
+            "epochs_done": len(history),
+            "time_budget_s": budget,
+            "budget_left_s": None if budget is None else max(budget - used(), 0.0),
+            "early_stop_patience": patience,
+        },
         "history": history,
         # DDP keeps replicas identical; every rank's fingerprint of its final weights shows it.
         "rank_fingerprints": [f.tolist() for f in all_gather(weights_fingerprint(model), rt)],

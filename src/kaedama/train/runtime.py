@@ -161,25 +161,30 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
-def consensus(good: int, signum: int, rt: Runtime) -> tuple[int, int]:
-    """This step's readable images over all ranks, and the stop signal any rank received.
+def consensus(good: int, signum: int, rt: Runtime, over: bool = False) -> tuple[int, int, bool]:
+    """This step's readable images over all ranks, the stop signal any rank received, and
+    whether any rank ran out of time budget.
 
-    One all-reduce of three integers over the CPU group, so it never waits for a GPU.
+    One all-reduce of four integers over the CPU group, so it never waits for a GPU.
 
     Args:
         good: readable images in this rank's batch.
         signum: the stop signal this rank received (0 = none).
+        over: this rank's clock says the time budget is spent.
 
     Returns:
-        ``(images over all ranks, signal)``: SIGTERM if any rank got it, else SIGINT if
-        any got that, else 0. Every rank gets the same answer, so all stop together.
+        ``(images over all ranks, signal, over)``: SIGTERM if any rank got it, else SIGINT
+        if any got that, else 0; ``over`` if any rank's budget is spent. Every rank gets
+        the same answer, so all stop together.
     """
     if not rt.distributed:
-        return good, signum
-    t = torch.tensor([good, *(int(signum == sig) for sig in STOP_SIGNALS)], dtype=torch.int64)
+        return good, signum, over
+    flags = [int(signum == sig) for sig in STOP_SIGNALS]
+    t = torch.tensor([good, *flags, int(over)], dtype=torch.int64)
     dist.all_reduce(t, group=rt.cpu_group)
-    received = [sig for sig, n in zip(STOP_SIGNALS, t[1:].tolist(), strict=True) if n]
-    return int(t[0]), int(received[0]) if received else 0
+    counts = t[1:].tolist()
+    received = [sig for sig, n in zip(STOP_SIGNALS, counts[:-1], strict=True) if n]
+    return int(t[0]), int(received[0]) if received else 0, bool(counts[-1])
 
 
 # --------------------------------------------------------------------------- preemption
