@@ -307,3 +307,21 @@ def test_beam_and_in_process_agree_on_messy_inputs(tmp_path):
     beam_job.run_job(paths, DedupConfig())
     for name in ("manifest.jsonl", "candidates.jsonl", "rejected.jsonl", "clusters.jsonl"):
         assert (local / name).read_bytes() == (beam / name).read_bytes(), name
+
+
+def test_the_training_dataset_skips_a_multi_gb_file_unread(tmp_path):
+    from kaedama.preprocess import Preprocess
+    from kaedama.train.data import Example, ManifestDataset, Skipped
+
+    huge = tmp_path / "video.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(3 * 2**30)
+    good = tmp_path / "a.jpg"
+    good.write_bytes(_jpeg(1))
+    data = ManifestDataset(
+        [Example(str(huge), 0), Example(str(good), 1)], preprocess=Preprocess((3, 32, 32))
+    )
+    assert data[0] == Skipped(str(huge), "too_large")
+    tensor, target = data[1]
+    assert tuple(tensor.shape) == (3, 32, 32) and target == 1
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 3 * 2**20

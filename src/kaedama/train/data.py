@@ -174,6 +174,7 @@ class ManifestDataset(Dataset):
         transform: PIL image -> tensor (the training augmentation).
         max_pixels: refuse images larger than this (decompression bombs).
         draft: reduced-size JPEG decoding, ``(w, h)`` the decoded image must still cover.
+        max_bytes: skip larger files unread (reason ``too_large``).
         preprocess: evaluation: bytes -> model input through exactly this
             :class:`~kaedama.preprocess.Preprocess` (decode options included), what
             ``kaedama evaluate`` and serving run; ``transform``, ``max_pixels`` and
@@ -188,6 +189,7 @@ class ManifestDataset(Dataset):
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         draft: tuple[int, int] | None = None,
         preprocess: Preprocess | None = None,
+        max_bytes: int = images.DEFAULT_MAX_BYTES,
     ):
         if (transform is None) == (preprocess is None):
             raise ValueError("ManifestDataset needs a transform (training) or a preprocess")
@@ -196,6 +198,7 @@ class ManifestDataset(Dataset):
         self.max_pixels = max_pixels
         self.draft = draft
         self.preprocess = preprocess
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -204,7 +207,8 @@ class ManifestDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         example = self.examples[index]
         try:
-            data = storage.read_bytes(example.uri)
+            # Never more than max_bytes in a worker's memory (a stray video in a label).
+            data = storage.read_bytes(example.uri, max_bytes=self.max_bytes)
             if self.preprocess is not None:
                 return torch.from_numpy(self.preprocess(data, uri=example.uri)), example.target
             image = images.decode(
@@ -212,6 +216,8 @@ class ManifestDataset(Dataset):
             )
         except images.ImageError as exc:
             return Skipped(example.uri, exc.reason)
+        except storage.TooLargeError:
+            return Skipped(example.uri, "too_large")
         except storage.StorageError as exc:
             return Skipped(example.uri, f"unreadable: {exc}")
         if seed is not None:
