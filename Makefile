@@ -27,7 +27,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.run-installed
 
 run: $(VENV)/.run-installed
-	$(PY) -m kaedama.demo --out $(RUN_OUT)
+	$(PY) -m kaedama.demo --out $(RUN_OUT) $(if $(DATA),--data $(DATA))
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format --check .
