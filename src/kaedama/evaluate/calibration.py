@@ -124,7 +124,11 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
         options={"xatol": 1e-4},
     )
     t = float(np.exp(result.x))
-    return {"temperature": t, "nll_before": nll(logits, y_true), "nll_after": nll(logits, y_true, t)}
+    return {
+        "temperature": t,
+        "nll_before": nll(logits, y_true),
+        "nll_after": nll(logits, y_true, t),
+    }
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:

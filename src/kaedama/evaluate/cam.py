@@ -118,7 +118,7 @@ def choose_target(model: nn.Module, input_size: Sequence[int]) -> Target:
         for name in reversed(names):
             module = model.get_submodule(name)
             captured: list[torch.Tensor] = []
-            handle = module.register_forward_hook(lambda _m, _i, o: captured.append(o))
+            handle = module.register_forward_hook(lambda _m, _i, o, keep=captured: keep.append(o))
             try:
                 x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
                 with torch.enable_grad():
@@ -187,7 +187,11 @@ class Explainer:
 
     def describe(self) -> dict:
         """What was chosen, for metrics.json and the report."""
-        return {"method": self.method, "target_layer": self.target.name, "layout": self.target.layout}
+        return {
+            "method": self.method,
+            "target_layer": self.target.name,
+            "layout": self.target.layout,
+        }
 
     def __call__(self, batch: np.ndarray, classes: Sequence[int]) -> np.ndarray:
         """Maps ``(N, H, W)`` of ``classes[i]`` for each input of ``batch`` ``(N, C, H, W)``."""
@@ -227,6 +231,6 @@ def peak(heatmap: np.ndarray) -> tuple[int, int]:
 
 def heat_mass(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:
     """Share of the heatmap's total inside ``box = (top, left, bottom, right)``."""
-    t, l, b, r = box
+    top, left, bottom, right = box
     total = float(heatmap.sum())
-    return float(heatmap[t:b, l:r].sum()) / total if total > 0 else 0.0
+    return float(heatmap[top:bottom, left:right].sum()) / total if total > 0 else 0.0

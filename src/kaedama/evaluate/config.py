@@ -14,9 +14,7 @@ class EvaluateConfig:
         default="test", metadata={"help": "manifest split to evaluate"}
     )
     batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
-    workers: int = field(
-        default=4, metadata={"help": "threads that read and preprocess images"}
-    )
+    workers: int = field(default=4, metadata={"help": "threads that read and preprocess images"})
     threads: int = field(
         default=0, metadata={"help": "torch intra-op threads; 0 = torch's default"}
     )
@@ -48,9 +46,7 @@ class EvaluateConfig:
     )
     cam: Literal["auto", "cam", "gradcam", "off"] = field(
         default="auto",
-        metadata={
-            "help": "explanations: auto = CAM for global-pool + linear heads, else Grad-CAM"
-        },
+        metadata={"help": "explanations: auto = CAM for global-pool + linear heads, else Grad-CAM"},
     )
     cam_per_class: int = field(
         default=2, metadata={"help": "CAM overlays per class for correct and for wrong images"}
@@ -79,9 +75,7 @@ class EvaluateConfig:
             "beside it): per-class deltas and a McNemar test"
         },
     )
-    alpha: float = field(
-        default=0.05, metadata={"help": "significance level of the comparison"}
-    )
+    alpha: float = field(default=0.05, metadata={"help": "significance level of the comparison"})
 
     def __post_init__(self) -> None:
         from kaedama.config import ConfigError

@@ -41,12 +41,12 @@ def summary(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k
     }
     k = min(top_k, n_classes)
     out["top_k"] = k
-    if n_classes > 2:
-        out[f"top{k}_accuracy"] = _f(
-            skm.top_k_accuracy_score(y_true, probs, k=k, labels=labels)
-        )
-    else:  # scikit-learn scores binary problems from one column; top-2 of 2 is always right
-        out[f"top{k}_accuracy"] = 1.0 if k >= 2 else out["accuracy"]
+    if k >= n_classes:  # every class is in the top k: always right (scikit-learn warns)
+        out[f"top{k}_accuracy"] = 1.0
+    elif n_classes > 2:
+        out[f"top{k}_accuracy"] = _f(skm.top_k_accuracy_score(y_true, probs, k=k, labels=labels))
+    else:
+        out[f"top{k}_accuracy"] = out["accuracy"]
     for average in ("macro", "weighted"):
         p, r, f, _ = skm.precision_recall_fscore_support(
             y_true, y_pred, labels=labels, average=average, zero_division=0
@@ -59,9 +59,7 @@ def per_class(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> 
     """Precision, recall, F1, support, average precision and ROC AUC of every class."""
     labels = np.arange(len(classes))
     y_pred = probs.argmax(1)
-    p, r, f, s = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     rows = []
     for c, name in enumerate(classes):
         positive = y_true == c
