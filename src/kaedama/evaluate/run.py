@@ -25,7 +25,7 @@ from kaedama.evaluate import calibration as cal
 from kaedama.evaluate import figures, leakage, metrics, predictions, report, svg
 from kaedama.evaluate.compare import compare, read_other
 from kaedama.evaluate.config import EvaluateConfig
-from kaedama.evaluate.inference import VIEWS, Predictions, pick_device, predict
+from kaedama.evaluate.inference import VIEWS, pick_device, predict
 from kaedama.manifest import Row, read_manifest, resolve_manifest
 from kaedama.preprocess import Preprocess
 
@@ -153,15 +153,16 @@ def _gallery(model, pp, recs, classes, out_uri, cfg) -> tuple[list[dict], dict]:
     return items, info
 
 
-def _tta_runs(model, rows, pp, device, cfg, first: Predictions, classes) -> dict[str, Any]:
+def _tta_runs(model, rows, pp, device, cfg, classes) -> dict[str, Any]:
     """Accuracy, log loss and time of every TTA mode on the same images: the gain and its cost."""
-    runs = {cfg.tta: first}
-    for mode in VIEWS:
-        if mode not in runs:
-            runs[mode] = predict(
-                model, rows, pp, device=device, batch_size=cfg.batch_size,
-                workers=cfg.workers, tta=mode, desc=f"tta {mode}",
-            )  # fmt: skip
+    # Every mode runs afresh (the main pass warmed caches and threads), so times compare.
+    runs = {
+        mode: predict(
+            model, rows, pp, device=device, batch_size=cfg.batch_size, workers=cfg.workers,
+            tta=mode, desc=f"tta {mode}",
+        )  # fmt: skip
+        for mode in VIEWS
+    }
     table = []
     for mode, p in runs.items():
         s = metrics.summary(_targets(p.rows, classes), p.probs, classes, 1)
@@ -244,7 +245,7 @@ def evaluate(
     files = predictions.write(out_uri, recs, classes)
     m["pr_curves"] = metrics.pr_curves(y_true, probs, classes)
     if cfg.measure_tta:
-        m["tta_measurement"] = _tta_runs(tm.model, rows, pp, device, cfg, preds, classes)
+        m["tta_measurement"] = _tta_runs(tm.model, rows, pp, device, cfg, classes)
     if cfg.latency:
         sample = [storage.read_bytes(r.uri) for r in preds.rows[:8]]
         m["latency"] = _latency(tm, pp, device, cfg, sample)
