@@ -158,13 +158,14 @@ def cam_applicable(model: nn.Module, input_size: Sequence[int]) -> bool:
     return False
 
 
-def _normalise(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+def _normalise(maps: torch.Tensor, size: Sequence[int]) -> np.ndarray:
+    """ReLU, min-max to [0, 1] at feature resolution, then bilinear to ``size`` (grad-cam's order)."""
     maps = maps.clamp(min=0)
     flat = maps.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
-    scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return ((maps - lo[:, None, None]) / scale[:, None, None]).numpy()
+    maps = (maps - lo[:, None, None]) / (hi - lo + 1e-7)[:, None, None]
+    up = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return up[:, 0].numpy()
 
 
 class Explainer:

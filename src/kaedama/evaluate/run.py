@@ -158,8 +158,14 @@ def _tta_runs(model, rows, pp, device, cfg, classes) -> dict[str, Any]:
     # Every mode runs afresh (the main pass warmed caches and threads), so times compare.
     runs = {
         mode: predict(
-            model, rows, pp, device=device, batch_size=cfg.batch_size, workers=cfg.workers,
-            tta=mode, desc=f"tta {mode}",
+            model,
+            rows,
+            pp,
+            device=device,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            tta=mode,
+            desc=f"tta {mode}",
         )  # fmt: skip
         for mode in VIEWS
     }
