@@ -51,23 +51,40 @@ class DevTools:
         self.next_id = 0
         self.events: list[dict] = []
 
-    def call(self, method: str, **params) -> dict:
+    def send(self, method: str, session: str | None = None, **params) -> int:
+        """Send a command without waiting for its answer; returns its id."""
         self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.ws.send(json.dumps(message))
+        return self.next_id
+
+    def _record(self, message: dict) -> None:
+        self.events.append(message)
+        if message.get("method") == "Target.attachedToTarget":
+            # An out-of-process frame (a sandboxed iframe) waits for us: watch its console too.
+            sid = message["params"]["sessionId"]
+            for domain in ("Runtime", "Log"):
+                self.send(f"{domain}.enable", session=sid)
+            self.send("Runtime.runIfWaitingForDebugger", session=sid)
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        sent = self.send(method, session, **params)
         while True:
             message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
+            if message.get("id") == sent:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
-            self.events.append(message)
+            self._record(message)
 
     def wait_for(self, event: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not any(e.get("method") == event for e in self.events):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {event} within {timeout} s")
-            self.events.append(json.loads(self.ws.recv()))
+            self._record(json.loads(self.ws.recv()))
 
     def errors(self) -> list[str]:
         out = []
@@ -83,10 +100,19 @@ class DevTools:
                 out.append(params["entry"].get("text", ""))
         return out
 
-    def evaluate(self, expression: str):
+    def evaluate(self, expression: str, session: str | None = None):
         """The JSON value of a JavaScript expression that returns ``JSON.stringify(...)``."""
-        result = self.call("Runtime.evaluate", returnByValue=True, expression=expression)
+        result = self.call("Runtime.evaluate", session, returnByValue=True, expression=expression)
         return json.loads(result["result"]["value"])
+
+    def frame_sessions(self) -> list[str]:
+        """Sessions of the out-of-process iframes attached so far (``open_page(frames=True)``)."""
+        return [
+            e["params"]["sessionId"]
+            for e in self.events
+            if e.get("method") == "Target.attachedToTarget"
+            and e["params"]["targetInfo"].get("type") == "iframe"
+        ]
 
 
 @contextlib.contextmanager
@@ -113,9 +139,14 @@ def browser(tmp_path: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def open_page(
-    page: Path, tmp_path: Path, *, width: int = 1280, height: int = 900
+    page: Path, tmp_path: Path, *, width: int = 1280, height: int = 900, frames: bool = False
 ) -> Iterator[DevTools]:
-    """Open ``page`` (a local file) in headless Chromium and wait for its load event."""
+    """Open ``page`` (a local file) in headless Chromium and wait for its load event.
+
+    ``frames=True`` attaches to out-of-process iframes (sandboxed ones are) before they
+    run, so their console errors are collected and :meth:`DevTools.frame_sessions`
+    can evaluate inside them.
+    """
     with browser(tmp_path) as endpoint:
         with urllib.request.urlopen(f"{endpoint}/json/list", timeout=10) as response:
             targets = json.load(response)
@@ -131,6 +162,13 @@ def open_page(
                 deviceScaleFactor=1,
                 mobile=False,
             )
+            if frames:
+                tools.call(
+                    "Target.setAutoAttach",
+                    autoAttach=True,
+                    waitForDebuggerOnStart=True,
+                    flatten=True,
+                )
             tools.call("Page.navigate", url=page.resolve().as_uri())
             tools.wait_for("Page.loadEventFired")
             yield tools

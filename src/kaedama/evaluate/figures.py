@@ -7,6 +7,7 @@ same data as inline SVG (:mod:`kaedama.evaluate.svg`).
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +28,11 @@ def _plt():
 
 def _save(fig, uri: str) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # Labels in scripts the machine has no font for (CJK...) draw as boxes in the PNG;
+        # the HTML report shows them in the browser's fonts. One warning per glyph is noise.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
     storage.write_bytes(uri, buf.getvalue())
 

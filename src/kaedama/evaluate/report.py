@@ -381,7 +381,6 @@ def render(
     title = f"kaedama evaluation: {metrics.get('model', {}).get('name', '')}"
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<link rel='icon' href='data:,'>"
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{esc(title)}</h1><nav>{nav}</nav>"
         + "".join(_section(k, bodies[k]) for k, _ in SECTIONS)
