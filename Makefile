@@ -18,7 +18,7 @@ $(PY):
 
 # Stamps re-install when pyproject.toml changes.
 $(VENV)/.run-installed: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[beam,kfp,train,tensorboard,demo]'
+	$(PIP) install --quiet -e '.[beam,kfp,train,evaluate,tensorboard,demo]'
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)

@@ -1,6 +1,6 @@
-"""The end-to-end demo behind ``make run``: fixtures -> dedup -> split -> train.
+"""The end-to-end demo behind ``make run``: fixtures -> dedup -> split -> train -> evaluate.
 
-It runs the same stage commands a user runs (``kaedama fixtures/dedup/split/train``)
+It runs the same stage commands a user runs (``kaedama fixtures/dedup/split/train/evaluate``)
 on an embedded sample: real handwritten digits rendered to photos with planted
 duplicates, near-duplicates, cross-label copies and corrupt files. Stages that a
 release does not ship yet are reported and skipped, never faked.
@@ -37,6 +37,7 @@ class DemoConfig:
 def stages(out: Path, config: DemoConfig) -> list[tuple[str, list[str]]]:
     """The stage command lines, in pipeline order."""
     data, dedup, split, train = out / "data", out / "dedup", out / "split", out / "train"
+    evaluate = out / "evaluate"
     return [
         ("fixtures", ["fixtures", str(data), "--per-class", str(config.per_class)]),
         ("dedup", ["dedup", str(data), "--out", str(dedup)]),
@@ -77,6 +78,10 @@ def stages(out: Path, config: DemoConfig) -> list[tuple[str, list[str]]]:
                 "1",
             ],
         ),
+        (
+            "evaluate",
+            ["evaluate", str(train), str(split / "manifest.jsonl"), "--out", str(evaluate)],
+        ),
     ]
 
 
@@ -102,6 +107,9 @@ def run_demo(out: Path, config: DemoConfig) -> int:
     report = out / "dedup" / "report.html"
     if report.exists():
         print(f"demo: review the duplicates at {report}")
+    evaluation = out / "evaluate" / "report.html"
+    if evaluation.exists():
+        print(f"demo: the model's evaluation report is at {evaluation}")
     return 0
 
 

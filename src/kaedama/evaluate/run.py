@@ -249,6 +249,11 @@ def evaluate(
     m["leakage"] = leakage.leakage(preds.rows, manifest.rows, correct)
     recs = predictions.records(preds.rows, probs, classes, y_true, top_k=cfg.predictions_top_k)
     files = predictions.write(out_uri, recs, classes)
+    m["confused_pairs"] = predictions.pair_examples(recs, m["confused_pairs"], cfg.pair_examples)
+    worst = predictions.worst_mistakes(recs, cfg.worst)
+    m["worst_mistakes"] = [
+        {k: r[k] for k in ("uri", "label", "predicted", "confidence")} for r in worst
+    ]
     m["pr_curves"] = metrics.pr_curves(y_true, probs, classes)
     if cfg.measure_tta:
         m["tta_measurement"] = _tta_runs(tm.model, rows, pp, device, cfg, classes)
@@ -336,12 +341,9 @@ def _write_report(tm, pp, m, recs, cfg, folder, out_uri) -> list[str]:
         files += [g["png"] for g in gallery]
     else:
         m["cam"] = {"error": "switched off (--cam off)"}
-    worst = predictions.worst_mistakes(recs, cfg.worst)
-    pairs = predictions.pair_examples(recs, m["confused_pairs"][:10], cfg.pair_examples)
+    worst = m["worst_mistakes"]
+    pairs = m["confused_pairs"][:10]
     uris = {r["uri"] for r in worst} | {u for p in pairs for u in p["examples"]}
-    m["worst_mistakes"] = [
-        {k: r[k] for k in ("uri", "label", "predicted", "confidence")} for r in worst
-    ]
     page = report.render(
         m, history=history, thumbs=_thumbs(pp, uris), gallery=gallery, mistakes=worst,
         pairs=pairs, curves=m["pr_curves"],
