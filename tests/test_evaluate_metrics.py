@@ -13,7 +13,7 @@ from kaedama.evaluate import calibration as cal
 from kaedama.evaluate import metrics
 from kaedama.evaluate.compare import compare, mcnemar
 from kaedama.evaluate.leakage import leakage
-from kaedama.evaluate.predictions import pair_examples, records, worst_mistakes
+from kaedama.evaluate.predictions import ordered, pair_examples, records, worst_mistakes
 from kaedama.manifest import Row
 
 CLASSES = ("cat", "dog", "三田本店")
@@ -219,6 +219,7 @@ def test_records_worst_mistakes_and_pair_examples():
     assert top[0]["top_k"] == [["cat", 0.7], ["dog", 0.2]] and "probs" not in top[0]
     worst = worst_mistakes(full, 5)
     assert [r["uri"] for r in worst] == ["u1", "u3"]  # 0.6 before 0.5
+    assert [r["uri"] for r in ordered(full)] == ["u1", "u3", "u0", "u2"]
     pairs = pair_examples(
         full, [{"true": "dog", "predicted": "三田本店", "count": 1, "rate": 1.0}], 3
     )

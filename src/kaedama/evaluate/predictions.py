@@ -48,8 +48,18 @@ def records(
     return out
 
 
+def ordered(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mistakes first, the most confident first; then the right answers in input order."""
+    wrong = sorted((r for r in recs if not r["correct"]), key=lambda r: -r["confidence"])
+    return wrong + [r for r in recs if r["correct"]]
+
+
 def write(out_uri: str, recs: Sequence[dict[str, Any]], classes: Sequence[str]) -> list[str]:
-    """``predictions.jsonl`` and ``predictions.csv`` (one probability column per class)."""
+    """``predictions.jsonl`` and ``predictions.csv`` (one probability column per class).
+
+    Rows are :func:`ordered`: the worst confident mistakes open the files.
+    """
+    recs = ordered(recs)
     jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     storage.write_text(storage.join(out_uri, "predictions.jsonl"), jsonl)
     buf = io.StringIO()
