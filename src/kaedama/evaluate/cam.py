@@ -187,12 +187,19 @@ class Explainer:
         self._gradcam = None
 
     def describe(self) -> dict:
-        """What was chosen, for metrics.json and the report."""
-        return {
+        """What was chosen, for metrics.json and the report.
+
+        ``target_layer`` is the layer Grad-CAM uses; CAM reads the pre-pool map that
+        ``forward_features`` returns with the classifier's weights.
+        """
+        out = {
             "method": self.method,
             "target_layer": self.target.name,
             "layout": self.target.layout,
         }
+        if self.method == "cam":
+            out["cam_features"] = "forward_features"
+        return out
 
     def __call__(self, batch: np.ndarray, classes: Sequence[int]) -> np.ndarray:
         """Maps ``(N, H, W)`` of ``classes[i]`` for each input of ``batch`` ``(N, C, H, W)``."""

@@ -270,10 +270,17 @@ def _gallery(items: Sequence[dict], cam_info: dict | None) -> str:
     if not items:
         why = (cam_info or {}).get("error") or "explanations were switched off"
         return f"<p class='muted'>No CAM gallery ({esc(why)}).</p>"
-    head = (
-        f"<p>{esc(cam_info.get('method', '').upper())} on layer <code>{esc(cam_info.get('target_layer'))}</code> "
-        f"({esc(cam_info.get('layout'))}), chosen from the model; heat for the predicted class.</p>"
-    )
+    if cam_info.get("method") == "cam":
+        how = (
+            "CAM: the classifier's weights over the pre-pool feature map (the head is global "
+            "average pooling + one linear layer, checked on the model)"
+        )
+    else:
+        how = (
+            f"Grad-CAM on layer <code>{esc(cam_info.get('target_layer'))}</code> "
+            f"({esc(cam_info.get('layout'))}), the last stage that reaches the prediction"
+        )
+    head = f"<p>{how}; heat for the predicted class; ✓ right, ✗ wrong.</p>"
     by_class: dict[str, list[dict]] = {}
     for it in items:
         by_class.setdefault(it["label"], []).append(it)
@@ -281,7 +288,8 @@ def _gallery(items: Sequence[dict], cam_info: dict | None) -> str:
     for label, its in by_class.items():
         cells = "".join(
             f"<div class='item' data-cam='{'correct' if it['correct'] else 'wrong'}'>{it['svg']}"
-            f"<span class='{'ok' if it['correct'] else 'bad'}'>→ {esc(it['predicted'])} "
+            f"<span class='{'ok' if it['correct'] else 'bad'}'>"
+            f"{'✓' if it['correct'] else '✗'} → {esc(it['predicted'])} "
             f"{it['confidence']:.2f}</span></div>"
             for it in its
         )
