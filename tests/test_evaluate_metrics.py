@@ -224,3 +224,24 @@ def test_records_worst_mistakes_and_pair_examples():
         full, [{"true": "dog", "predicted": "三田本店", "count": 1, "rate": 1.0}], 3
     )
     assert pairs[0]["examples"] == ["u1"]
+
+
+def test_kfp_shapes_log_into_real_kfp_artifacts():
+    dsl = pytest.importorskip("kfp.dsl")
+    cm = metrics.confusion(Y, P.argmax(1), 3)
+    m = {
+        "summary": metrics.summary(Y, P, CLASSES, top_k=2),
+        "calibration": {"ece": 0.1, "mce": 0.2},
+    }
+    kfp = {
+        "confusion_matrix": metrics.kfp_confusion(cm, CLASSES),
+        "metrics": metrics.kfp_scalars(m),
+    }
+    classification = dsl.ClassificationMetrics(name="confusion", uri="memory://c")
+    scalars = dsl.Metrics(name="metrics", uri="memory://m")
+    metrics.log_kfp(kfp, classification, scalars)
+    logged = classification.metadata["confusionMatrix"]
+    assert [a["displayName"] for a in logged["annotationSpecs"]] == list(CLASSES)
+    assert [r["row"] for r in logged["rows"]] == cm.tolist()
+    assert scalars.metadata["accuracy"] == 0.5 and scalars.metadata["ece"] == 0.1
+    assert scalars.metadata["macro_f1"] == pytest.approx(m["summary"]["macro"]["f1"])

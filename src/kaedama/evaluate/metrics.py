@@ -211,3 +211,15 @@ def kfp_scalars(metrics: dict) -> dict[str, float]:
         if lat.get(key) is not None:
             out[key] = float(lat[key])
     return out
+
+
+def log_kfp(kfp: dict, classification_metrics: Any, scalar_metrics: Any) -> None:
+    """Log ``metrics.json["kfp"]`` into KFP output artifacts (duck-typed: the core imports no kfp).
+
+    ``classification_metrics`` is a ``dsl.ClassificationMetrics``, ``scalar_metrics`` a
+    ``dsl.Metrics``; a pipeline component is this one call.
+    """
+    cm = kfp["confusion_matrix"]
+    classification_metrics.log_confusion_matrix(cm["categories"], cm["matrix"])
+    for name, value in kfp["metrics"].items():
+        scalar_metrics.log_metric(name, value)
