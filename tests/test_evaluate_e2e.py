@@ -238,3 +238,30 @@ def test_confusion_heatmap_stays_readable_for_120_classes():
     assert width <= 780  # fits the page: cells shrink, labels go to tooltips
     assert page.count("<rect") == 121 + 1  # non-empty cells only, plus the frame
     assert "true class 3, predicted class 7: 4" in page
+
+
+def test_checkpoint_manifest_and_output_on_gcs(trained, gcs_bucket, capsys):
+    from kaedama import storage
+    from kaedama.manifest import read_manifest
+
+    run, manifest, _ = trained
+    for name in ("best.pt", "history.json"):
+        storage.write_bytes(f"{gcs_bucket}/run/{name}", (run / name).read_bytes())
+    rows = read_manifest(manifest).rows
+    for row in rows:
+        if row.split == "test":
+            dst = f"{gcs_bucket}/img/{Path(row.uri).parent.name}/{Path(row.uri).name}"
+            storage.write_bytes(dst, Path(row.uri).read_bytes())
+            row.uri = dst
+    write_manifest(f"{gcs_bucket}/split/manifest.jsonl", rows)
+    out = f"{gcs_bucket}/eval"
+    code = cli.main(
+        ["evaluate", f"{gcs_bucket}/run", f"{gcs_bucket}/split", "--out", out, "--no-latency",
+         "--cam-per-class", "1", "--bootstrap", "50", "--threads", "1", "--fit-temperature"]
+    )  # fmt: skip
+    assert code == 0
+    m = json.loads(storage.read_text(f"{out}/metrics.json"))
+    assert m["summary"]["images"] == 9 and m["model"]["checkpoint"] == f"{gcs_bucket}/run/best.pt"
+    assert storage.exists(f"{out}/report.html") and storage.exists(f"{out}/figures/confusion.png")
+    assert storage.exists(f"{gcs_bucket}/run/temperature.json")
+    assert storage.list_files(f"{out}/cam")
