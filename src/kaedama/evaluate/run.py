@@ -193,6 +193,8 @@ def evaluate(
     from kaedama.train.model import load_trained
 
     started = time.perf_counter()
+    # A wrong --compare path fails before minutes of inference, not after.
+    other = read_other(cfg.compare) if cfg.compare else None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -260,11 +262,8 @@ def evaluate(
     if cfg.latency:
         sample = [storage.read_bytes(r.uri) for r in preds.rows[:8]]
         m["latency"] = _latency(tm, pp, device, cfg, sample)
-    if cfg.compare:
-        other, other_correct = read_other(cfg.compare)
-        m["compare"] = compare(
-            m, recs, other, other_correct, alpha=cfg.alpha, other_name=cfg.compare
-        )
+    if other is not None:
+        m["compare"] = compare(m, recs, *other, alpha=cfg.alpha, other_name=cfg.compare)
         storage.write_text(
             storage.join(out_uri, "compare.json"), json.dumps(m["compare"], indent=2)
         )
