@@ -169,7 +169,8 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], *, title: str, max_side: 
     n = len(labels)
     cell = max(2.0, min(28.0, (max_side - 140) / max(n, 1)))
     show_labels = cell >= 7
-    margin = 130 if show_labels else 20
+    longest = max((len(str(label)[:20]) for label in labels), default=1)
+    margin = min(130, 14 + 7 * longest) if show_labels else 20
     side = margin + cell * n
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     parts = [
