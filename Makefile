@@ -19,7 +19,7 @@ $(PY):
 
 # Stamps re-install when pyproject.toml changes.
 $(VENV)/.run-installed: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[beam,kfp,train,tensorboard,demo,clean,serve,export,video]'
+	$(PIP) install --quiet -e '.[beam,kfp,train,evaluate,tensorboard,demo,clean,serve,export,video]'
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)

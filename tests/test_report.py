@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
-import json
-import shutil
-import subprocess
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +14,7 @@ from PIL import Image
 from kaedama.dedup.review import cluster_order, format_summary, render_report, thumbnail_data_uri
 from kaedama.images import ImageError
 from kaedama.manifest import Row
-from tests.processes import stop_process
+from tests.chromium import open_page
 
 EVIL = "<script>alert('x')</script>&\"'"
 
@@ -219,122 +212,23 @@ def test_format_summary_lists_reasons_and_labels():
 
 # --------------------------------------------------------------------------- Chromium
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--remote-allow-origins=*",
-    "--remote-debugging-port=0",
-]
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("headless Chromium not installed (apt-get install -y chromium)")
-
-
-class _DevTools:
-    """A minimal Chrome DevTools Protocol client over one page's websocket."""
-
-    def __init__(self, ws_url: str) -> None:
-        websocket = pytest.importorskip("websocket", reason="needs websocket-client for CDP")
-        self.ws = websocket.create_connection(ws_url, timeout=30)
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self.events.append(message)
-
-    def wait_for(self, event: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == event for e in self.events):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {event} within {timeout} s")
-            self.events.append(json.loads(self.ws.recv()))
-
-    def errors(self) -> list[str]:
-        out = []
-        for e in self.events:
-            method, params = e.get("method"), e.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                details = params.get("exceptionDetails", {})
-                exception = details.get("exception", {})
-                out.append(f"{details.get('text', '')} {exception.get('description', '')}")
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                out.append(json.dumps(params.get("args", []))[:300])
-            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-                out.append(params["entry"].get("text", ""))
-        return out
-
-
-@contextlib.contextmanager
-def _browser(tmp_path: Path) -> Iterator[str]:
-    """Start headless Chromium; yields the DevTools HTTP endpoint."""
-    profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen(
-        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Chromium did not start (exit code {proc.poll()})")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
-
 
 def load_in_chromium(page: Path, tmp_path: Path) -> dict:
     """Open ``page`` in headless Chromium; returns errors and DOM facts once it has loaded."""
-    with _browser(tmp_path) as endpoint:
-        with urllib.request.urlopen(f"{endpoint}/json/list", timeout=10) as response:
-            targets = json.load(response)
-        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
-        tools = _DevTools(ws_url)
-        try:
-            for domain in ("Page", "Runtime", "Log"):
-                tools.call(f"{domain}.enable")
-            tools.call("Page.navigate", url=page.resolve().as_uri())
-            tools.wait_for("Page.loadEventFired")
-            facts = tools.call(
-                "Runtime.evaluate",
-                returnByValue=True,
-                expression="""JSON.stringify({
-                    title: document.title,
-                    clusters: Array.from(document.querySelectorAll('section.cluster'))
-                        .map(s => s.dataset.cluster),
-                    conflicts: document.querySelectorAll('section.cluster[data-conflict=true]').length,
-                    images: document.images.length,
-                    brokenImages: Array.from(document.images)
-                        .filter(i => !(i.complete && i.naturalWidth > 0)).length,
-                })""",
-            )
-            result = json.loads(facts["result"]["value"])
-            result["errors"] = tools.errors()
-            return result
-        finally:
-            tools.ws.close()
+    with open_page(page, tmp_path) as tools:
+        result = tools.evaluate(
+            """JSON.stringify({
+                title: document.title,
+                clusters: Array.from(document.querySelectorAll('section.cluster'))
+                    .map(s => s.dataset.cluster),
+                conflicts: document.querySelectorAll('section.cluster[data-conflict=true]').length,
+                images: document.images.length,
+                brokenImages: Array.from(document.images)
+                    .filter(i => !(i.complete && i.naturalWidth > 0)).length,
+            })"""
+        )
+        result["errors"] = tools.errors()
+        return result
 
 
 def test_chromium_loads_the_page_without_errors_one_element_per_cluster(tmp_path):
