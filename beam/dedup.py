@@ -39,7 +39,6 @@ byte-identical to this job's (tested), it only skips the runner's overheads.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -49,10 +48,10 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
-from beam.gcs import use_emulator_if_configured
+from beam.common import Gather, import_runner_module, run_pipeline
 from kaedama import storage
 from kaedama.config import ConfigError, add_config_arguments, build_config
 from kaedama.dedup.decide import DedupConfig, DedupResult, Rejected, decide, with_descriptors
@@ -104,10 +103,6 @@ log = logging.getLogger(__name__)
 
 # Name of ReadAndHash's output for files that are not readable images.
 REJECTED = "rejected"
-# With no --runner, run the DirectRunner's batch engine directly. Beam 2.77's
-# DirectRunner first tries the Prism runner, which downloads a binary from GitHub on
-# first use: offline that costs a failed download on every run before it falls back.
-DEFAULT_RUNNER = "FnApiRunner"
 
 
 # --------------------------------------------------------------------------- ListInputs
@@ -353,44 +348,6 @@ class Describe(beam.PTransform):
             | "PairUris" >> beam.FlatMap(lambda pair: [(uri_shard(u), u) for u in pair[:2]])
             | "GroupByShard" >> beam.GroupByKey()
             | "Describe" >> beam.ParDo(_DescribeShard(self.config, self.cache))
-        )
-
-
-# --------------------------------------------------------------------------- Gather
-
-
-def _tagged(element: Any, name: str) -> tuple[None, tuple[str, Any]]:
-    return (None, (name, element))
-
-
-def _by_name(grouped: tuple[None, Iterable[tuple[str, Any]]], names: Sequence[str]) -> dict:
-    out: dict[str, list] = {name: [] for name in names}
-    for name, element in grouped[1]:
-        if name:  # the anchor element has no name
-            out[name].append(element)
-    return out
-
-
-class Gather(beam.PTransform):
-    """``{name: PCollection}`` -> one element ``{name: [every element of it]}``.
-
-    Every input is tagged and grouped under one key: one shuffle brings all of them to
-    one worker. (A ``ToList`` combiner per input costs several stages and a side input
-    each, and the runner measures every side input's size object by object.) The
-    element exists, with empty lists, even when every input is empty. List order is
-    unspecified; the consumers sort.
-    """
-
-    def expand(self, pcolls):
-        names = sorted(pcolls)
-        tagged = [pcolls[name] | f"Tag_{name}" >> beam.Map(_tagged, name) for name in names]
-        pipeline = pcolls[names[0]].pipeline
-        anchor = beam.pvalue.PBegin(pipeline) | "Anchor" >> beam.Create([(None, ("", None))])
-        return (
-            (*tagged, anchor)
-            | "Flatten" >> beam.Flatten()
-            | "GroupAll" >> beam.GroupByKey()
-            | "ByName" >> beam.Map(_by_name, names)
         )
 
 
@@ -642,43 +599,19 @@ def run_job(
             ``--project``, ``--setup_file``, ...) and the job's ``--branches``. Without
             ``--runner`` the DirectRunner's batch engine runs in this process.
     """
-    options = PipelineOptions(list(pipeline_args))
-    # DoFns live in this importable module; nothing from __main__ needs pickling.
-    options.view_as(SetupOptions).save_main_session = False
-    standard = options.view_as(StandardOptions)
-    # A bounded job: the DirectRunner would pick this same batch engine, after trying
-    # (and, offline, failing to download) Prism.
-    if not standard.runner or standard.runner == "DirectRunner":
-        standard.runner = DEFAULT_RUNNER
-    use_emulator_if_configured()
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, paths, config, options.view_as(DedupOptions).branches)
-    result = pipeline.run()
-    result.wait_until_finish()
-    client = getattr(result, "client", None)
-    if client is not None:
-        # The DaskRunner leaves its dask.distributed client connected (and, without
-        # --dask_client_address, its own LocalCluster running): release them.
-        client.close()
+    branches = PipelineOptions(list(pipeline_args)).view_as(DedupOptions).branches
+
+    def build(pipeline: beam.Pipeline) -> None:
+        build_pipeline(pipeline, paths, config, branches)
+
+    run_pipeline(pipeline_args, build)
     return json.loads(storage.read_text(storage.join(paths.output, SUMMARY_NAME)))
-
-
-def _import_runner_module(options: PipelineOptions) -> None:
-    """Import the module of a runner named by its path, so that its own options parse.
-
-    The DaskRunner (``--runner apache_beam.runners.dask.dask_runner.DaskRunner``)
-    defines ``--dask_client_address`` and friends in its module; until it is imported,
-    Beam reports them as unparseable (and drops them from ``get_all_options``).
-    """
-    runner = options.view_as(StandardOptions).runner or ""
-    if "." in runner:
-        importlib.import_module(runner.rsplit(".", 1)[0])
 
 
 def parse_args(argv: Sequence[str]) -> tuple[JobPaths, DedupConfig, list[str]]:
     """Split ``argv`` into the job's paths, its DedupConfig and the remaining Beam options."""
     options = PipelineOptions(list(argv))
-    _import_runner_module(options)
+    import_runner_module(options)
     dedup_options = options.view_as(DedupOptions)
     try:
         config = config_from_options(dedup_options)

@@ -40,14 +40,8 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
-from apache_beam.options.pipeline_options import (
-    PipelineOptions,
-    SetupOptions,
-    StandardOptions,
-)
 
-from beam.dedup import DEFAULT_RUNNER, Gather
-from beam.gcs import use_emulator_if_configured
+from beam.common import Gather, run_pipeline
 from kaedama import storage
 from kaedama.config import ConfigError, add_config_arguments, build_config
 from kaedama.errors import KaedamaError
@@ -250,19 +244,10 @@ def run_job(
     pipeline_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build and run the job; returns ``summary.json``."""
-    options = PipelineOptions(list(pipeline_args))
-    options.view_as(SetupOptions).save_main_session = False
-    standard = options.view_as(StandardOptions)
-    if not standard.runner or standard.runner == "DirectRunner":
-        standard.runner = DEFAULT_RUNNER  # the DirectRunner's batch engine, without Prism
-    use_emulator_if_configured()
-    pipeline = beam.Pipeline(options=options)
-    _ = pipeline | "BatchPredict" >> BatchPredict(source, model_dir, out, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    client = getattr(result, "client", None)
-    if client is not None:  # the DaskRunner's dask.distributed client
-        client.close()
+    run_pipeline(
+        pipeline_args,
+        lambda pipeline: pipeline | "BatchPredict" >> BatchPredict(source, model_dir, out, config),
+    )
     return json.loads(storage.read_text(storage.join(out, SUMMARY_NAME)))
 
 

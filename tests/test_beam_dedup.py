@@ -17,6 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from beam import dedup as job
+from beam.common import DEFAULT_RUNNER, Gather
 from kaedama import storage
 from kaedama.dedup import job as dedup_job
 from kaedama.dedup.decide import DedupConfig, Rejected, decide
@@ -29,7 +30,7 @@ from tests.hashes import planted_hashes
 from tests.test_images import png_header_only
 
 # The DirectRunner's batch engine, without Beam 2.77's attempt to download Prism first.
-RUNNER = job.DEFAULT_RUNNER
+RUNNER = DEFAULT_RUNNER
 
 
 def _pipeline() -> BeamTestPipeline:
@@ -311,7 +312,7 @@ def test_gather_and_decide_equal_the_core_decision(small_folder):
             "descriptors": p | "D" >> beam.Create(descriptors),
             # Two listed chunks, counted apart from the rows.
             "listed": p | "L" >> beam.Create([3, len(recs) + len(rejected) - 3]),
-        } | job.Gather()
+        } | Gather()
         result = gathered | job.Decide(config)
         assert_that(
             result | beam.Map(lambda r: ([row.to_json() for row in r.rows], r.clusters)),
@@ -324,7 +325,7 @@ def test_gather_gives_one_element_even_for_empty_inputs():
         gathered = {
             "a": p | "A" >> beam.Create([3, 1, 2]),
             "b": p | "B" >> beam.Create([]),
-        } | job.Gather()
+        } | Gather()
         assert_that(
             gathered | beam.Map(lambda g: {k: sorted(v) for k, v in g.items()}),
             equal_to([{"a": [1, 2, 3], "b": []}]),
