@@ -168,16 +168,18 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], *, title: str, max_side: 
     """A confusion matrix as cells: row-normalised colour, count in each cell's tooltip."""
     n = len(labels)
     cell = max(2.0, min(28.0, (max_side - 140) / max(n, 1)))
-    show_labels = cell >= 7
+    # Labels stay even for 100+ classes: tiny, but vector text that zooms sharp.
+    font = min(11.0, max(3.5, cell * 0.8))
+    show_labels = cell >= 4
     longest = max((len(str(label)[:20]) for label in labels), default=1)
-    margin = min(130, 14 + 7 * longest) if show_labels else 20
+    margin = min(130.0, 14 + 0.65 * font * longest) if show_labels else 20
     side = margin + cell * n
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     parts = [
         f"<svg xmlns='http://www.w3.org/2000/svg' class='figure' role='img' "
         f"data-figure='confusion' width='{_fmt(side + 10)}' height='{_fmt(side + 10)}' "
         f"viewBox='0 0 {_fmt(side + 10)} {_fmt(side + 10)}' font-family='sans-serif' "
-        f"font-size='{min(11, max(6, cell * 0.8)):.0f}' shape-rendering='crispEdges'>"
+        f"font-size='{font:.1f}' shape-rendering='crispEdges'>"
         f"<title>{esc(title)}</title>"
     ]
     for i in range(n):
@@ -203,7 +205,7 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], *, title: str, max_side: 
     )
     if show_labels:
         for i, name in enumerate(labels):
-            c = _fmt(margin + (i + 0.5) * cell + 3)
+            c = _fmt(margin + (i + 0.5) * cell + font * 0.35)
             parts.append(
                 f"<text x='{margin - 4}' y='{c}' text-anchor='end'>{esc(name)[:20]}</text>"
                 f"<text transform='translate({c} {margin - 4}) rotate(-90)'>{esc(name)[:20]}</text>"
