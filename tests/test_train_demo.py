@@ -34,3 +34,20 @@ def test_demo_marks_a_new_or_empty_folder_and_clears_only_its_own(tmp_path, exis
     (out / "keep.txt").write_text("kept")
     demo.prepare_output(out, fresh=False)
     assert (out / "keep.txt").is_file()
+
+
+def test_demo_fine_tunes_lite0_from_bundled_imagenet_weights(tmp_path):
+    """The demo's train command line is a valid kaedama train call that starts from the
+    ImageNet weights the train extra installs (resolved offline, no hub)."""
+    import argparse
+
+    from kaedama.commands import train as command
+    from kaedama.train.weights import BUNDLED, resolve_source
+
+    (name, argv), *_ = [s for s in demo.stages(tmp_path, demo.DemoConfig()) if s[0] == "train"]
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    cfg = command.config_from_args(parser.parse_args(argv[1:]))
+    assert (cfg.model, cfg.pretrained) == ("tf_efficientnet_lite0", True)
+    if BUNDLED[cfg.model].installed():
+        assert resolve_source(cfg.model, pretrained=True).kind == "package"
