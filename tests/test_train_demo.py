@@ -37,17 +37,22 @@ def test_demo_marks_a_new_or_empty_folder_and_clears_only_its_own(tmp_path, exis
 
 
 def test_demo_fine_tunes_lite0_from_bundled_imagenet_weights(tmp_path):
-    """The demo's train command line is a valid kaedama train call that starts from the
-    ImageNet weights the train extra installs (resolved offline, no hub)."""
+    """The pipeline's train step, as the demo sets it, is a valid kaedama train call that
+    starts from the ImageNet weights the train extra installs (resolved offline, no hub)."""
     import argparse
 
     from kaedama.commands import train as command
     from kaedama.train.weights import BUNDLED, resolve_source
 
-    (name, argv), *_ = [s for s in demo.stages(tmp_path, demo.DemoConfig()) if s[0] == "train"]
+    config = demo.DemoConfig()
+    argv = ["m.jsonl", "--out", str(tmp_path), "--model", config.model, "--pretrained"]
+    argv += ["--img-size", str(config.img_size), "--epochs", str(config.epochs)]
+    for item in demo.train_options(config):  # as components/stages.py passes them
+        argv += ["--set", item]
     parser = argparse.ArgumentParser()
     command.configure(parser)
-    cfg = command.config_from_args(parser.parse_args(argv[1:]))
+    cfg = command.config_from_args(parser.parse_args(argv))
     assert (cfg.model, cfg.pretrained) == ("tf_efficientnet_lite0", True)
+    assert (cfg.hflip, cfg.lr, cfg.img_size) == (0.0, config.lr, config.img_size)
     if BUNDLED[cfg.model].installed():
         assert resolve_source(cfg.model, pretrained=True).kind == "package"
