@@ -46,7 +46,7 @@ def digits(tmp_path_factory):
     from kaedama.fixtures import FixturesConfig, make_digits_folder
 
     root = tmp_path_factory.mktemp("pipeline") / "data"
-    config = replace(FixturesConfig(), per_class=12, classes=("3", "8"))
+    config = replace(FixturesConfig(), per_class=20, classes=("3", "8")).clean()
     make_digits_folder(root, config, progress=False)
     return root
 
