@@ -16,7 +16,8 @@ from kaedama.dedup import decisions
 from kaedama.dedup.decide import DedupConfig, decide
 from kaedama.dedup.hashing import ImageRecord
 from kaedama.manifest import read_manifest
-from tests.test_report import _browser, _DevTools
+from tests.chromium import DevTools as _DevTools
+from tests.chromium import browser as _browser
 from tests.test_sameshot import scene
 
 
