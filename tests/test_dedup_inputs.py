@@ -194,7 +194,9 @@ def test_a_multi_gb_file_is_rejected_without_being_read(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     peak_kb = int(done.stdout.split("PEAK_KB")[-1].split()[0])
-    assert peak_kb < 1_500_000, f"peak RSS {peak_kb} KB: the file was read"
+    # Reading the file would take >= 3 GiB; the job's own peak (imports, forked workers
+    # that share them) is far below, though it varies with what the environment imports.
+    assert peak_kb < 2_500_000, f"peak RSS {peak_kb} KB: the file was read"
     (row,) = [r for r in _rows(out) if r.uri.endswith("video.jpg")]
     assert (row.status, row.reason) == ("rejected", "too_large")
     assert row.bytes == 3 * 2**30
