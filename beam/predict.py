@@ -54,6 +54,7 @@ from kaedama.serve.batch import (
     chunks,
     list_sources,
     load_example,
+    model_summary,
     prediction_record,
     rejected_record,
     shard_of,
@@ -165,8 +166,7 @@ def _summarise(gathered: dict[str, list], out: str, model_dir: str, config) -> d
         for shard in range(config.shards):
             if (kind, shard) not in present:
                 write_shard(out, kind, shard, config.shards, [])
-    a = load_artifact(model_dir)
-    model = {"uri": a.uri, "name": a.name, "version": a.version, "classes": list(a.classes)}
+    model = model_summary(load_artifact(model_dir))
     listed = sum(gathered["listed"])
     return write_summary(
         out, listed, dict(counts), dict(by["predictions"]), dict(by["rejected"]), model, config

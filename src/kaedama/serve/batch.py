@@ -198,6 +198,12 @@ def write_summary(
 # --------------------------------------------------------------------------- the model
 
 
+def model_summary(artifact: Any) -> dict[str, Any]:
+    """What ``summary.json`` records of the exported model (a loaded ``Artifact``)."""
+    a = artifact
+    return {"uri": a.uri, "name": a.name, "version": a.version, "classes": list(a.classes)}
+
+
 class Predictor:
     """An exported model (``kaedama export``) as ``arrays -> probabilities``; no torch."""
 
@@ -217,8 +223,7 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """What the summary records of the model."""
-        a = self.artifact
-        return {"uri": a.uri, "name": a.name, "version": a.version, "classes": list(a.classes)}
+        return model_summary(self.artifact)
 
     def __call__(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """Preprocessed inputs -> calibrated probabilities ``(N, classes)``."""
