@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from kaedama import cli
 from kaedama.commands.pipeline import parse_params
 from kaedama.errors import KaedamaError
 from kaedama.train.launch import LaunchError, TrainLaunch, launch_trainjob, render_trainjob
+from tests.fake_kube import TOKEN, FakeApiServer
 from tests.k8s import validate_crd
 
 GOLDEN = Path(__file__).parent / "golden" / "kaedama_pipeline.yaml"
@@ -112,59 +111,23 @@ def test_rendered_trainjob_matches_the_crd_and_the_kustomize_base():
         TrainLaunch(manifest="./split/manifest.jsonl", out="gs://b/o")
 
 
-class _FakeApi(BaseHTTPRequestHandler):
-    """Plays the API server for TrainJobs: created, running for two polls, then an outcome."""
+def _trainjob_status(outcome: str):
+    """Running for two reads, then ``outcome`` (Complete or Failed)."""
 
-    outcome = "Complete"
-    log: list = []
-    polls = 0
+    def status(obj, reads):
+        if reads < 3:
+            return {}
+        return {"conditions": [{"type": outcome, "status": "True", "message": "OOMKilled"}]}
 
-    def _reply(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).log.append(("POST", self.path, body))
-        self._reply(201, body)
-
-    def do_GET(self):  # noqa: N802
-        type(self).log.append(("GET", self.path, None))
-        type(self).polls += 1
-        status = {}
-        if type(self).polls >= 3:
-            status = {
-                "conditions": [{"type": self.outcome, "status": "True", "message": "OOMKilled"}]
-            }
-        self._reply(200, {"metadata": {"name": "x"}, "status": status})
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    from kubernetes import client
-
-    config = client.Configuration()
-    config.host = f"http://127.0.0.1:{server.server_address[1]}"
-    _FakeApi.log, _FakeApi.polls = [], 0
-    yield config
-    server.shutdown()
+    return status
 
 
 @pytest.mark.parametrize("outcome", ["Complete", "Failed"])
-def test_launcher_creates_watches_and_returns_the_result(fake_api, gcs_bucket, outcome):
+def test_launcher_creates_watches_and_returns_the_result(gcs_bucket, outcome):
+    from kubernetes import client
+
     from kaedama import storage
 
-    _FakeApi.outcome = outcome
     out = f"{gcs_bucket}/runs/launch-{outcome.lower()}"
     storage.write_text(f"{out}/history.json", json.dumps([{"epoch": 1, "val_acc": 0.5}]))
     storage.write_text(f"{out}/result.json", json.dumps({"best_val_acc": 0.75}))
@@ -172,20 +135,28 @@ def test_launcher_creates_watches_and_returns_the_result(fake_api, gcs_bucket, o
         manifest=f"{gcs_bucket}/split/manifest.jsonl", out=out, namespace="ml", name="t1", poll_s=0
     )
     seen = []
-    run = lambda: launch_trainjob(  # noqa: E731
-        job,
-        on_status=lambda k, v: seen.append((k, v)),
-        client_config=fake_api,
-        sleep=lambda s: None,
+    with FakeApiServer(status=_trainjob_status(outcome)) as api:
+        config = client.Configuration()
+        config.host = api.url
+        config.api_key = {"authorization": f"Bearer {TOKEN}"}
+        run = lambda: launch_trainjob(  # noqa: E731
+            job,
+            on_status=lambda k, v: seen.append((k, v)),
+            client_config=config,
+            sleep=lambda s: None,
+        )
+        if outcome == "Complete":
+            assert run() == {"best_val_acc": 0.75}
+        else:
+            with pytest.raises(LaunchError, match="OOMKilled"):
+                run()
+        requests = list(api.requests)
+    created = requests[0]
+    assert (created.method, created.path) == (
+        "POST",
+        "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs",
     )
-    if outcome == "Complete":
-        assert run() == {"best_val_acc": 0.75}
-    else:
-        with pytest.raises(LaunchError, match="OOMKilled"):
-            run()
-    method, path, body = _FakeApi.log[0]
-    assert (method, path) == ("POST", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs")
-    assert body["metadata"]["name"] == "t1"
-    gets = [p for m, p, _ in _FakeApi.log if m == "GET"]
+    assert created.body["metadata"]["name"] == "t1"
+    gets = [r.path for r in requests if r.method == "GET"]
     assert gets == ["/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs/t1"] * 3
     assert ("epochs_done", 1.0) in seen and ("val_acc", 0.5) in seen
