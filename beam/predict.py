@@ -51,12 +51,12 @@ from kaedama.serve.batch import (
     BatchPredictConfig,
     BatchPredictError,
     Predictor,
+    Unusable,
     chunks,
     list_sources,
     load_example,
     model_summary,
     prediction_record,
-    rejected_record,
     shard_of,
     write_shard,
     write_summary,
@@ -96,19 +96,20 @@ class _Load(beam.DoFn):
         self.config = config
 
     def setup(self) -> None:
-        from kaedama.serve.artifact import load_artifact
+        from kaedama.serve.artifact import read_card
 
-        # The preprocessing only: the model itself is RunInference's to load.
-        self._preprocess = load_artifact(self.model_dir).preprocess
+        # The preprocessing only, from the model card: the model file is read and
+        # verified once per worker, by RunInference's handler.
+        self._preprocess = read_card(self.model_dir).preprocess
 
     def process(self, chunk: list[str]):
         batch: list[tuple[str, Any]] = []
         for uri in chunk:
             loaded = load_example(uri, self._preprocess, self.config.max_bytes)
-            if len(loaded) == 3:
-                yield "bad", rejected_record(*loaded)
+            if isinstance(loaded, Unusable):
+                yield "bad", loaded.record()
                 continue
-            batch.append(loaded)
+            batch.append(tuple(loaded))
             if len(batch) == self.config.max_batch_size:
                 yield "ok", batch
                 batch = []
@@ -128,10 +129,10 @@ class _Format(beam.DoFn):
         self.config = config
 
     def setup(self) -> None:
-        from kaedama.serve.artifact import load_artifact
+        from kaedama.serve.artifact import read_card
 
-        artifact = load_artifact(self.model_dir)
-        self._classes, self._version = artifact.classes, artifact.version
+        card = read_card(self.model_dir)  # names only: no model bytes
+        self._classes, self._version = card.classes, card.version
 
     def process(self, keyed: tuple[str, Any]):
         uri, probs = keyed
@@ -153,7 +154,7 @@ def _write_shard(item, out: str, shards: int) -> tuple[str, int, dict[str, int]]
 
 
 def _summarise(gathered: dict[str, list], out: str, model_dir: str, config) -> dict[str, Any]:
-    from kaedama.serve.artifact import load_artifact
+    from kaedama.serve.artifact import read_card
 
     counts: Counter[str] = Counter()
     by: dict[str, Counter] = {kind: Counter() for kind in KINDS}
@@ -166,7 +167,7 @@ def _summarise(gathered: dict[str, list], out: str, model_dir: str, config) -> d
         for shard in range(config.shards):
             if (kind, shard) not in present:
                 write_shard(out, kind, shard, config.shards, [])
-    model = model_summary(load_artifact(model_dir))
+    model = model_summary(read_card(model_dir))
     listed = sum(gathered["listed"])
     return write_summary(
         out, listed, dict(counts), dict(by["predictions"]), dict(by["rejected"]), model, config

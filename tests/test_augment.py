@@ -12,18 +12,19 @@ from PIL import Image
 from timm.data.mixup import Mixup, rand_bbox
 
 from kaedama.errors import KaedamaError
+from kaedama.preprocess import Preprocess
 from kaedama.train.augment import (
     IMAGENET_PCA_EIGVAL,
     IMAGENET_PCA_EIGVEC,
     BatchMixer,
     Lighting,
-    build_eval_transform,
     build_train_transform,
     cutmix,
     cutmix_box,
     icap,
     mixup,
     one_hot_smooth,
+    resolve_data_config,
     ricap,
     soft_target_cross_entropy,
 )
@@ -104,16 +105,6 @@ def test_train_transform_normalises_with_the_data_config():
 def test_train_transform_rejects_malformed_scale():
     with pytest.raises(KaedamaError, match="scale"):
         build_train_transform(DATA_CONFIG, TrainConfig(scale=(0.5,)))
-
-
-def test_eval_transform_resizes_centre_crops_and_honours_img_size():
-    tf = build_eval_transform(DATA_CONFIG)
-    assert tf(_photo(200, 120)).shape == (3, 64, 64)
-    tf = build_eval_transform(DATA_CONFIG, TrainConfig(img_size=40))
-    out = tf(Image.new("RGB", (90, 60), (10, 20, 30)))
-    assert out.shape == (3, 40, 40)
-    # Deterministic: the same image gives the same tensor.
-    torch.testing.assert_close(out, tf(Image.new("RGB", (90, 60), (10, 20, 30))))
 
 
 def test_lighting_shifts_each_image_by_one_colour_along_the_pca_axes():
@@ -374,14 +365,13 @@ def test_real_photos_through_transforms_mixer_and_one_training_step(shared_datas
     model = timm.create_model("test_resnet", num_classes=len(labels))
     data_config = timm.data.resolve_model_data_config(model)
     cfg = TrainConfig(img_size=96, rotation=10.0, ricap_prob=0.5, cutmix_prob=0.5, clip_grad=1.0)
-    train_tf, eval_tf = (
-        build_train_transform(data_config, cfg),
-        build_eval_transform(data_config, cfg),
-    )
+    train_tf = build_train_transform(data_config, cfg)
+    # Evaluation goes through kaedama.preprocess (tests/test_preprocess.py matches timm).
+    eval_pre = Preprocess.from_data_config(resolve_data_config(data_config, cfg))
     photos = [Image.open(f).convert("RGB") for f in files]
     images = torch.stack([train_tf(p) for p in photos])
     assert images.shape == (8, 3, 96, 96)
-    assert torch.stack([eval_tf(p) for p in photos]).shape == (8, 3, 96, 96)
+    assert np.stack([eval_pre.image(p) for p in photos]).shape == (8, 3, 96, 96)
     targets = torch.tensor([labels.index(f.parent.name) for f in files])
 
     mixer = BatchMixer(cfg, len(labels))

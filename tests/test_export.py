@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kaedama.preprocess import Preprocess
-from kaedama.serve.artifact import ArtifactError, load_artifact, sha256
+from kaedama.serve.artifact import ArtifactError, load_artifact, read_card, sha256
 from kaedama.serve.config import ExportConfig, ServeConfig
 from kaedama.serve.export import ExportError, cam_head, export_checkpoint
 from kaedama.serve.model import ImageClassifier, softmax
@@ -98,6 +98,25 @@ def test_altered_or_incomplete_artifacts_are_refused(serving_model, tmp_path):
         load_artifact(str(altered))
     with pytest.raises(ArtifactError, match="kaedama export"):
         load_artifact(str(tmp_path / "nothing"))
+
+
+def test_model_card_is_read_without_the_model_file(serving_model, tmp_path):
+    """Workers that only decode or format (the Beam job's Load and Format) read the card,
+    never the model bytes: a card alone answers, the full load still refuses."""
+    card_only = tmp_path / "card"
+    card_only.mkdir()
+    shutil.copy(serving_model / "kaedama-model.json", card_only)
+    card = read_card(str(card_only))
+    full = load_artifact(str(serving_model))
+    assert (card.classes, card.version, card.name) == (full.classes, full.version, full.name)
+    assert card.preprocess == full.preprocess and card.temperature == full.temperature
+    with pytest.raises(ArtifactError, match="not found"):
+        load_artifact(str(card_only))
+    meta = json.loads((serving_model / "kaedama-model.json").read_text())
+    del meta["classes"]
+    (card_only / "kaedama-model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="no classes"):
+        read_card(str(card_only))
 
 
 def test_cam_only_for_pool_and_linear_heads(one_torch_thread):

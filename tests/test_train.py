@@ -162,8 +162,9 @@ def test_bad_images_are_skipped_not_raised(toy, tmp_path):
     bad = [str(tmp_path / n) for n in ("empty.jpg", "text.jpg", "trunc.jpg", "missing.jpg")]
     from kaedama.train.data import Example
 
-    transform = augment.build_eval_transform(
-        {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
+    transform = augment.build_train_transform(
+        {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0},
+        TrainConfig(),
     )
     ds = ManifestDataset([Example(u, 0) for u in [good[0], *bad, good[1]]], transform)
     items = [ds[i] for i in range(len(ds))]

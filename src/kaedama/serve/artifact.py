@@ -98,11 +98,37 @@ def _read(uri: str, what: str) -> bytes:
         ) from exc
 
 
-def load_artifact(uri: str, *, verify: bool = True) -> Artifact:
-    """Read and verify the artifact folder ``uri`` (local or ``gs://``).
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``kaedama-model.json`` says of a model, read without its model file.
+
+    For steps that need the classes or the preprocessing but never run the model
+    (a batch job's decoding and formatting workers): :func:`load_artifact` reads and
+    verifies the model bytes once, where the model runs.
+    """
+
+    uri: str
+    name: str
+    version: str
+    runtime: str
+    model_file: str
+    files: dict[str, str]
+    classes: tuple[str, ...]
+    data_config: dict[str, Any]
+    temperature: float
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The model's eval preprocessing, exactly as training and evaluation ran it."""
+        return Preprocess.from_data_config(self.data_config)
+
+
+def read_card(uri: str) -> ModelCard:
+    """Read and check ``kaedama-model.json`` of the artifact folder ``uri`` (no model bytes).
 
     Raises:
-        ArtifactError: missing files, another format, or a sha256 mismatch.
+        ArtifactError: the JSON is missing, not JSON, of another format or incomplete.
     """
     raw = _read(storage.join(uri, MANIFEST), "model manifest")
     try:
@@ -115,8 +141,39 @@ def load_artifact(uri: str, *, verify: bool = True) -> Artifact:
     if runtime not in RUNTIMES:
         raise ArtifactError(f"{uri}: unknown runtime {runtime!r}; one of {RUNTIMES}")
     files: dict[str, str] = dict(meta.get("files") or {})
+    model_file = meta.get("model_file")
+    if model_file not in files:
+        raise ArtifactError(f"{uri}: the manifest lists no sha256 for {model_file}")
+    classes = tuple(str(c) for c in meta.get("classes") or ())
+    if not classes:
+        raise ArtifactError(f"{uri}: the manifest lists no classes")
+    try:
+        return ModelCard(
+            uri=uri,
+            name=check_name(str(meta["name"])),
+            version=str(meta["version"]),
+            runtime=runtime,
+            model_file=model_file,
+            files=files,
+            classes=classes,
+            data_config=dict(meta["data_config"]),
+            temperature=float(meta.get("temperature", 1.0)),
+            meta=meta,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{uri}/{MANIFEST}: missing or bad field {exc}") from exc
+
+
+def load_artifact(uri: str, *, verify: bool = True) -> Artifact:
+    """Read and verify the artifact folder ``uri`` (local or ``gs://``).
+
+    Raises:
+        ArtifactError: missing files, another format, or a sha256 mismatch.
+    """
+    card = read_card(uri)
+    meta = card.meta
     contents: dict[str, bytes] = {}
-    for name, digest in files.items():
+    for name, digest in card.files.items():
         data = _read(storage.join(uri, name), "artifact file")
         if verify and sha256(data) != digest:
             raise ArtifactError(
@@ -124,29 +181,23 @@ def load_artifact(uri: str, *, verify: bool = True) -> Artifact:
                 f"{digest[:12]}...; the artifact was altered or copied incompletely. Re-export it."
             )
         contents[name] = data
-    model_file = meta["model_file"]
-    if model_file not in contents:
-        raise ArtifactError(f"{uri}: the manifest lists no sha256 for {model_file}")
     cam = None
     if meta.get("cam"):
         with np.load(io.BytesIO(contents[meta["cam"]["weights_file"]])) as npz:
             cam = CamHead(weight=npz["weight"], bias=npz["bias"])
-    classes = tuple(str(c) for c in meta["classes"])
-    if not classes:
-        raise ArtifactError(f"{uri}: the manifest lists no classes")
     return Artifact(
         uri=uri,
-        name=check_name(str(meta["name"])),
-        version=str(meta["version"]),
-        runtime=runtime,
-        model_file=model_file,
-        model_bytes=contents[model_file],
+        name=card.name,
+        version=card.version,
+        runtime=card.runtime,
+        model_file=card.model_file,
+        model_bytes=contents[card.model_file],
         input_name=str(meta["input"]),
         logits_output=str(meta["outputs"]["logits"]),
         features_output=meta["outputs"].get("features") if cam is not None else None,
-        classes=classes,
-        data_config=dict(meta["data_config"]),
-        temperature=float(meta.get("temperature", 1.0)),
+        classes=card.classes,
+        data_config=card.data_config,
+        temperature=card.temperature,
         cam=cam,
         meta=meta,
     )

@@ -26,7 +26,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,10 +100,27 @@ def chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[start : start + size])
 
 
-def load_example(
-    uri: str, preprocess: Preprocess, max_bytes: int
-) -> tuple[str, np.ndarray] | tuple[str, str, str]:
-    """``(uri, model input)``, or ``(uri, reason, message)`` for a file that cannot be used.
+class Example(NamedTuple):
+    """One image ready for the model: its URI and its preprocessed array."""
+
+    uri: str
+    array: np.ndarray
+
+
+class Unusable(NamedTuple):
+    """One file that cannot be predicted, with the reason that goes to ``rejected-*.jsonl``."""
+
+    uri: str
+    reason: str
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        """Its line of ``rejected-*.jsonl``."""
+        return rejected_record(self.uri, self.reason, self.message)
+
+
+def load_example(uri: str, preprocess: Preprocess, max_bytes: int) -> Example | Unusable:
+    """The file at ``uri`` read and preprocessed, or why it cannot be used.
 
     Never raises for a bad file: reasons are the decoder's (``truncated``,
     ``not_an_image``, ...), ``too_large`` or ``unreadable``.
@@ -111,13 +128,13 @@ def load_example(
     try:
         data = storage.read_bytes(uri, max_bytes=max_bytes)
     except storage.TooLargeError as exc:
-        return uri, "too_large", str(exc)
+        return Unusable(uri, "too_large", str(exc))
     except storage.StorageError as exc:
-        return uri, "unreadable", str(exc)
+        return Unusable(uri, "unreadable", str(exc))
     try:
-        return uri, preprocess(data, uri=uri)
+        return Example(uri, preprocess(data, uri=uri))
     except images.ImageError as exc:
-        return uri, exc.reason, exc.message
+        return Unusable(uri, exc.reason, exc.message)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -199,7 +216,7 @@ def write_summary(
 
 
 def model_summary(artifact: Any) -> dict[str, Any]:
-    """What ``summary.json`` records of the exported model (a loaded ``Artifact``)."""
+    """What ``summary.json`` records of the exported model (an ``Artifact`` or ``ModelCard``)."""
     a = artifact
     return {"uri": a.uri, "name": a.name, "version": a.version, "classes": list(a.classes)}
 
@@ -255,13 +272,14 @@ def predict_in_process(
     with tqdm(total=len(uris), desc="predict", unit="img", disable=None) as bar:
         for part in chunks(uris, config.max_batch_size):
             loaded = [load_example(uri, pre, config.max_bytes) for uri in part]
-            good = [item for item in loaded if len(item) == 2]
-            for uri, reason, message in (item for item in loaded if len(item) == 3):
-                records["rejected"].append(rejected_record(uri, reason, message))
+            good = [item for item in loaded if isinstance(item, Example)]
+            for item in loaded:
+                if isinstance(item, Unusable):
+                    records["rejected"].append(item.record())
             if good:
-                probs = predictor([array for _, array in good])
-                for (uri, _), p in zip(good, probs, strict=True):
-                    rec = prediction_record(uri, p, classes, version, config.top_k)
+                probs = predictor([item.array for item in good])
+                for item, p in zip(good, probs, strict=True):
+                    rec = prediction_record(item.uri, p, classes, version, config.top_k)
                     records["predictions"].append(rec)
             bar.update(len(part))
     counts: Counter[str] = Counter()

@@ -145,17 +145,6 @@ def build_train_transform(
     return T.Compose(steps)
 
 
-def build_eval_transform(
-    data_config: dict, cfg: TrainConfig | None = None
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation/serving transform: resize by crop_pct, centre crop, normalise (timm's)."""
-    from timm.data import create_transform
-
-    dc = resolve_data_config(data_config, cfg)
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: dc[k] for k in keys if k in dc}, is_training=False)
-
-
 # --------------------------------------------------------------------------- targets and loss
 
 
