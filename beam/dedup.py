@@ -351,6 +351,23 @@ class Describe(beam.PTransform):
         )
 
 
+class _SameShot(beam.DoFn):
+    """A candidate pair -> its keypoint test (:func:`kaedama.dedup.job.verify_pair`).
+
+    One output per pair, None for a pair whose files can no longer be read.
+    """
+
+    def __init__(self, config: DedupConfig, cache: SharedHashCache) -> None:
+        self.config = config
+        self._cache_file = cache
+
+    def setup(self) -> None:
+        self._cache = self._cache_file.acquire()
+
+    def process(self, pair):
+        yield verify_pair(pair, self.config, self._cache)
+
+
 # --------------------------------------------------------------------------- Decide
 
 
@@ -400,7 +417,9 @@ class Decide(beam.PTransform):
 
 
 def _save_cache(gathered: dict[str, list], cache_uri: str, recipe_key: str) -> dict[str, Any]:
-    new = cache_of(_records(gathered), gathered["descriptors"], recipe_key)
+    new = cache_of(
+        _records(gathered), gathered["descriptors"], recipe_key, gathered.get("geometry", ())
+    )
     return update_cache(new, cache_uri)
 
 
@@ -506,11 +525,12 @@ class Dedup(beam.PTransform):
             "listed": listed,
         }
         if config.verifies_keypoints:
-            # Pairs spread over workers; each reads and matches its two images.
+            # Pairs spread over workers; each reads and matches its two images, unless
+            # the hash cache holds the pair's test from an earlier run.
             inputs["geometry"] = (
                 near
                 | "SpreadPairs" >> beam.Reshuffle()
-                | "SameShot" >> beam.Map(verify_pair, config)
+                | "SameShot" >> beam.ParDo(_SameShot(config, cache))
             )
         gathered = inputs | "Gather" >> Gather()
         result = gathered | "Decide" >> Decide(config)

@@ -321,6 +321,22 @@ def test_hash_cache_merge_keeps_descriptors():
     assert old.update(newer) == 0
 
 
+def test_hash_cache_keeps_pair_tests_by_direction_and_version():
+    cache = HashCache()
+    cache.put_pair("a" * 64, "b" * 64, "orb-v1", (300, 120, 100, 80, 0.5))
+    cache.put_pair("a" * 64, "b" * 64, "orb-v2", (250, 10, 5, 0, 0.01))
+    back = HashCache.from_bytes(cache.to_bytes())
+    assert back.pair_count == 2 and len(back) == 0
+    assert back.get_pair("a" * 64, "b" * 64, "orb-v1") == (300, 120, 100, 80, 0.5)
+    assert back.get_pair("a" * 64, "b" * 64, "orb-v2") == (250, 10, 5, 0, 0.01)
+    # The test is directional (coverage is of the first image): no answer the other way.
+    assert back.get_pair("b" * 64, "a" * 64, "orb-v1") is None
+    more = HashCache()
+    more.put_pair("a" * 64, "b" * 64, "orb-v1", (300, 120, 100, 80, 0.5))  # the same: no change
+    more.put_pair("c" * 64, "d" * 64, "orb-v1", (1, 2, 3, 4, 0.0))
+    assert back.update(more) == 1 and back.pair_count == 3
+
+
 def test_hash_cache_long_hashes_round_trip():
     cache = HashCache()
     long_hash = (1 << 255) | 77

@@ -257,3 +257,41 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_pair_tests_are_cached_by_content_for_both_engines(tmp_path, original):
+    """A re-run takes each pair's keypoint test from the hash cache (keyed by the two
+    files' sha256s and the test's version), in process and in the Beam job alike: a
+    tampered cached test changes the decision, a fresh cache restores it."""
+    from beam import dedup as beam_dedup
+    from kaedama.dedup import job
+    from kaedama.dedup.hashcache import HashCache
+    from kaedama.manifest import read_manifest
+
+    root = tmp_path / "in"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(jpeg(original))
+    (root / "cat" / "b.jpg").write_bytes(planted_copies(original)["resize50"])
+    cache = tmp_path / "hashes.npz"
+
+    def dropped(run, out: str, cache_uri: str) -> list[str]:
+        run(job.JobPaths(str(root), str(tmp_path / out), cache=cache_uri), DedupConfig())
+        rows = read_manifest(str(tmp_path / out / "manifest.jsonl")).rows
+        return sorted(r.reason for r in rows if r.status == "dropped")
+
+    in_process = lambda paths, config: job.run_in_process(paths, config, workers=1)  # noqa: E731
+    assert dropped(in_process, "first", str(cache)) == ["near_duplicate"]
+    stored = HashCache.load(str(cache))
+    assert stored.pair_count == 1
+    ((sha_a, sha_b, version),) = stored._pairs
+    assert version == sameshot.VERSION
+    keypoints = stored.get_pair(sha_a, sha_b, version)[0]
+    assert keypoints >= MIN_KEYPOINTS
+    # Tamper: the same pair, now with no exact inliers. Both engines must believe it.
+    stored.put_pair(sha_a, sha_b, version, (keypoints, 0, 0, 0, 0.0))
+    stored.save(str(cache))
+    assert dropped(in_process, "second", str(cache)) == []
+    assert dropped(beam_dedup.run_job, "beam", str(cache)) == []
+    # A fresh cache decides again, from the pixels.
+    assert dropped(beam_dedup.run_job, "fresh", str(tmp_path / "fresh.npz")) == ["near_duplicate"]
+    assert HashCache.load(str(tmp_path / "fresh.npz")).pair_count == 1

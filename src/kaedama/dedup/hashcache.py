@@ -7,13 +7,18 @@ size, decode path, imagehash or Pillow version) never does. The file is one ``.n
 next to the manifest on local disk or in a bucket. It is stored uncompressed: the
 descriptors (most of its bytes) are thumbnails that barely compress, and writing it
 must not cost the job a second.
+
+It also keeps the same-shot keypoint test of candidate pairs
+(:mod:`kaedama.dedup.sameshot`), keyed by ``(sha256 of the first file, sha256 of the
+second, the test's VERSION)`` in the job's URI order: the test is deterministic, so a
+re-run decodes and matches only pairs it has not seen (format 3).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,9 +26,12 @@ from kaedama import storage
 from kaedama.dedup.hashing import HashRecipe, hash_to_hex, hex_to_hash
 from kaedama.errors import KaedamaError
 
-FORMAT_VERSION = 2
-# Version 1 (unicode arrays, one recipe string per entry, compressed) is still read.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Version 1 (unicode arrays, one recipe string per entry, compressed) and version 2
+# (no pair table) are still read.
+READABLE_VERSIONS = (1, 2, 3)
+# One pair's keypoint test as plain values: (keypoints, matches, inliers, exact, coverage).
+PairGeometry = tuple[int, int, int, int, float]
 
 
 class HashCacheError(KaedamaError):
@@ -51,11 +59,27 @@ class HashCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], CachedHash] = {}
+        self._pairs: dict[tuple[str, str, str], PairGeometry] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
+        """Fingerprints held (pairs apart: :attr:`pair_count`)."""
         return len(self._entries)
+
+    @property
+    def pair_count(self) -> int:
+        """Keypoint tests of pairs held."""
+        return len(self._pairs)
+
+    def get_pair(self, sha_a: str, sha_b: str, version: str) -> PairGeometry | None:
+        """The keypoint test of the files ``sha_a`` then ``sha_b`` under ``version``, or None."""
+        return self._pairs.get((sha_a, sha_b, version))
+
+    def put_pair(self, sha_a: str, sha_b: str, version: str, geometry: PairGeometry) -> None:
+        """Store one pair's keypoint test (``sha_a`` is the file that came first)."""
+        k, m, i, e, c = geometry
+        self._pairs[(sha_a, sha_b, version)] = (int(k), int(m), int(i), int(e), float(c))
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         sha, recipe = key
@@ -106,6 +130,10 @@ class HashCache:
             if mine != entry:
                 self._entries[key] = entry
                 changed += 1
+        for pair, geometry in other._pairs.items():
+            if self._pairs.get(pair) != geometry:
+                self._pairs[pair] = geometry
+                changed += 1
         return changed
 
     # ------------------------------------------------------------------ persistence
@@ -118,6 +146,10 @@ class HashCache:
         offsets = np.cumsum([0] + [len(d) for d in descriptors], dtype=np.int64)
         recipes = sorted({k[1] for k in keys})
         index = {r: n for n, r in enumerate(recipes)}
+        pairs = sorted(self._pairs)
+        versions = sorted({p[2] for p in pairs})
+        at = {v: n for n, v in enumerate(versions)}
+        geometry = [self._pairs[p] for p in pairs]
         buf = io.BytesIO()
         np.savez(
             buf,
@@ -131,6 +163,12 @@ class HashCache:
             hash=np.array([hash_to_hex(v.hash, 4).encode("ascii") for v in values], np.bytes_),
             descriptor=np.frombuffer(b"".join(descriptors), dtype=np.uint8),
             offsets=offsets,
+            pair_a=np.array([p[0].encode("ascii") for p in pairs], dtype="S64"),
+            pair_b=np.array([p[1].encode("ascii") for p in pairs], dtype="S64"),
+            pair_versions=np.array(versions, dtype=np.str_),
+            pair_version_index=np.array([at[p[2]] for p in pairs], dtype=np.int32),
+            pair_counts=np.array([g[:4] for g in geometry], dtype=np.int64).reshape(-1, 4),
+            pair_coverage=np.array([g[4] for g in geometry], dtype=np.float64),
         )
         return buf.getvalue()
 
@@ -169,6 +207,8 @@ class HashCache:
                 ):
                     desc = blob[offsets[n] : offsets[n + 1]]
                     cache._entries[(sha, recipe)] = CachedHash(w, h, hex_to_hash(hx), desc)
+                if version >= 3:
+                    cache._pairs = _read_pairs(z)
         except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
             raise HashCacheError(
                 f"{uri}: cannot read the hash cache ({exc}); delete it and it will be rebuilt"
@@ -185,3 +225,20 @@ class HashCache:
     def save(self, uri: str) -> None:
         """Write the cache atomically to a local path or gs:// URI."""
         storage.write_bytes(uri, self.to_bytes())
+
+
+def _read_pairs(z: Any) -> dict[tuple[str, str, str], PairGeometry]:
+    """The pair table of a format-3 file (see :meth:`HashCache.to_bytes`)."""
+    versions = z["pair_versions"].tolist()
+    counts = z["pair_counts"].tolist()
+    return {
+        (a.decode("ascii"), b.decode("ascii"), versions[v]): (*count, cov)
+        for a, b, v, count, cov in zip(
+            z["pair_a"].tolist(),
+            z["pair_b"].tolist(),
+            z["pair_version_index"].tolist(),
+            counts,
+            z["pair_coverage"].tolist(),
+            strict=True,
+        )
+    }

@@ -343,15 +343,39 @@ def _features(uri: str, max_bytes: int, max_pixels: int):
     return sameshot.features(data, max_pixels=max_pixels, uri=uri)
 
 
-def verify_pair(pair: Sequence[Any], config: DedupConfig) -> Verified | None:
+@lru_cache(maxsize=4096)
+def _sha256_of(uri: str, max_bytes: int) -> str:
+    """sha256 of one file, kept per process (the pair cache is keyed by content)."""
+    return hashlib.sha256(storage.read_bytes(uri, max_bytes=max_bytes)).hexdigest()
+
+
+def cached_pair(a: str, b: str, sha_a: str, sha_b: str, cache: HashCache | None) -> Verified | None:
+    """The keypoint test of ``a`` then ``b`` from the cache (same bytes, same test), or None."""
+    if cache is None or not sha_a or not sha_b:
+        return None
+    from kaedama.dedup.sameshot import VERSION
+
+    found = cache.get_pair(sha_a, sha_b, VERSION)
+    return None if found is None else (a, b, *found)
+
+
+def verify_pair(
+    pair: Sequence[Any], config: DedupConfig, cache: HashCache | None = None
+) -> Verified | None:
     """The same-shot keypoint test of one candidate pair ``(uri_a, uri_b, ...)``.
 
-    Reads and decodes both files (the descriptor's reduced decode; the features of the
+    The cache answers when an earlier run tested the same two contents; otherwise both
+    files are read and decoded (the descriptor's reduced decode; the features of the
     last few hundred images stay cached in the process). A file that can no longer be
     read gives None: decide then treats the pair as unverified (logged).
     """
     a, b = sorted(pair[:2])
     try:
+        if cache is not None and cache.pair_count:
+            shas = _sha256_of(a, config.max_bytes), _sha256_of(b, config.max_bytes)
+            known = cached_pair(a, b, *shas, cache)
+            if known is not None:
+                return known
         fa = _features(a, config.max_bytes, config.max_pixels)
         fb = _features(b, config.max_bytes, config.max_pixels)
     except (storage.StorageError, ImageError) as exc:
@@ -375,14 +399,21 @@ def geometry_of(verified: Iterable[Verified | None]) -> dict[tuple[str, str], Ge
 
 
 def describe_with_features(
-    uri: str, config: DedupConfig, recipe: HashRecipe, cache: HashCache | None = None
+    uri: str,
+    config: DedupConfig,
+    recipe: HashRecipe,
+    cache: HashCache | None = None,
+    features: bool = True,
 ) -> tuple[str, str, bytes, Features | None]:
     """:func:`describe_file` plus the image's keypoint features, from one read and decode.
 
     The in-process engine's path: its features equal :func:`verify_pair`'s (the same
     decode), so both engines decide alike. A file that cannot be read or decoded gives
-    an empty descriptor and no features (logged).
+    an empty descriptor and no features (logged). ``features=False`` (every pair of the
+    image answered by the cache) is :func:`describe_file`, features None.
     """
+    if not features:
+        return (*describe_file(uri, config, recipe, cache), None)
     from kaedama.dedup import sameshot
 
     try:
@@ -605,20 +636,33 @@ def _rejected_json(row) -> dict[str, Any]:
 
 
 def cache_of(
-    records: Iterable[ImageRecord], descriptors: Iterable[tuple[str, str, bytes]], recipe_key: str
+    records: Iterable[ImageRecord],
+    descriptors: Iterable[tuple[str, str, bytes]],
+    recipe_key: str,
+    verified: Iterable[Verified | None] = (),
 ) -> HashCache:
-    """A :class:`HashCache` of this run's records under ``recipe_key``.
+    """A :class:`HashCache` of this run's records under ``recipe_key``, and its pair tests.
 
     Args:
         records: the run's fingerprints.
         descriptors: ``(uri, sha256, descriptor)`` of the described images
             (:func:`describe_file`); they join their records by sha256.
+        verified: the keypoint tests of candidate pairs (:func:`verify_pair`), kept
+            under the two files' sha256s.
     """
     by_sha = {sha: desc for _, sha, desc in descriptors if desc}
     cache = HashCache()
+    sha_of: dict[str, str] = {}
     for r in records:
         desc = by_sha.get(r.sha256) or r.descriptor
         cache.put(r.sha256, recipe_key, r.width, r.height, r.hash, desc)
+        sha_of[r.uri] = r.sha256
+    pairs = [v for v in verified if v is not None and v[0] in sha_of and v[1] in sha_of]
+    if pairs:
+        from kaedama.dedup.sameshot import VERSION
+
+        for a, b, *geometry in pairs:
+            cache.put_pair(sha_of[a], sha_of[b], VERSION, tuple(geometry))
     return cache
 
 
@@ -626,7 +670,8 @@ def update_cache(new: HashCache, cache_uri: str) -> dict[str, Any]:
     """Merge this run's fingerprints (see :func:`cache_of`) into the cache file.
 
     Returns:
-        ``{"uri", "hits", "decoded", "entries_before", "entries"}`` for the summary.
+        ``{"uri", "hits", "decoded", "entries_before", "entries", "pairs"}`` for the
+        summary (``pairs``: keypoint tests held).
 
     The file is rewritten only when this run added or completed an entry (or it does
     not exist): a re-run over unchanged inputs reads it and leaves it alone.
@@ -642,6 +687,7 @@ def update_cache(new: HashCache, cache_uri: str) -> dict[str, Any]:
         "decoded": len(new) - hits,
         "entries_before": before,
         "entries": len(cache),
+        "pairs": cache.pair_count,
     }
 
 
@@ -804,9 +850,11 @@ def _describe_in_worker(uri: str) -> tuple[str, str, bytes]:
     return describe_file(uri, state["config"], state["recipe"], state["cache"])
 
 
-def _describe_with_features_in_worker(uri: str) -> tuple[str, str, bytes, Features | None]:
+def _describe_with_features_in_worker(
+    uri: str, features: bool
+) -> tuple[str, str, bytes, Features | None]:
     state = _WORKER_STATE
-    return describe_with_features(uri, state["config"], state["recipe"], state["cache"])
+    return describe_with_features(uri, state["config"], state["recipe"], state["cache"], features)
 
 
 class _PhaseClock:
@@ -869,20 +917,35 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         uris = near_pair_uris(near)
         chunk = max(1, len(uris) // 64)
         geometry = {}
+        verified: list[Verified | None] = []
         if config.verifies_keypoints:
-            # One read and decode per image for both second signals; then each pair's
-            # match from the two images' features.
-            outs = pool.map(_describe_with_features_in_worker, uris, chunksize=chunk)
+            # The cache answers pairs tested before; one read and decode per image for
+            # both second signals; then each new pair's match from its two features.
+            sha_of = {r.uri: r.sha256 for r in records}
+            known = [cached_pair(a, b, sha_of[a], sha_of[b], cache) for a, b, _ in near]
+            todo = [pair for pair, hit in zip(near, known, strict=True) if hit is None]
+            need = set(near_pair_uris(todo))
+            outs = pool.starmap(
+                _describe_with_features_in_worker,
+                [(uri, uri in need) for uri in uris],
+                chunksize=chunk,
+            )
             descriptors = [(uri, sha, desc) for uri, sha, desc, _ in outs]
             found = {uri: feats for uri, _, _, feats in outs}
-            clock.lap(f"pair search + describe {len(uris)} candidate images (and keypoints)")
-            verified = pool.starmap(
+            clock.lap(
+                f"pair search + describe {len(uris)} candidate images ({len(need)} keypoints)"
+            )
+            verified = [hit for hit in known if hit is not None]
+            verified += pool.starmap(
                 match_pair,
-                [(a, b, found.get(a), found.get(b)) for a, b, _ in near],
-                chunksize=max(1, len(near) // 16),
+                [(a, b, found.get(a), found.get(b)) for a, b, _ in todo],
+                chunksize=max(1, len(todo) // 16),
             )
             geometry = geometry_of(verified)
-            clock.lap(f"same-shot keypoint test of {len(near)} candidate pairs")
+            clock.lap(
+                f"same-shot keypoint test of {len(near)} candidate pairs "
+                f"({len(near) - len(todo)} from the cache)"
+            )
         else:
             descriptors = pool.map(_describe_in_worker, uris, chunksize=chunk)
             clock.lap(f"pair search + describe {len(uris)} candidate images")
@@ -906,7 +969,7 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
         )
         copied = len(pool.map(copy_file, plan_copies(result, paths)))
         clock.lap("thumbnails + copies")
-    new = cache_of(records, descriptors, recipe.key())
+    new = cache_of(records, descriptors, recipe.key(), verified)
     stats = update_cache(new, paths.cache)
     summary = write_outputs(result, thumbs, stats, paths, config, copied=copied)
     clock.lap("cache + outputs")
