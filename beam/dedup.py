@@ -162,8 +162,8 @@ class SharedHashCache:
     """Per-process access to the hash cache file (``uri``; "" for none).
 
     Every DoFn given the same handle, in any thread of a worker process, uses one
-    loaded copy: the job hands one handle to both steps that read the cache
-    (``ReadAndHash`` and ``Describe``).
+    loaded copy: the job hands one handle to every step that reads the cache
+    (``ReadAndHash``, ``Describe`` and ``SameShot``).
     """
 
     def __init__(self, uri: str) -> None:

@@ -192,6 +192,8 @@ def finetune_accuracy(args, train: list[tuple[str, str]], test, seed: int, out: 
 
     Fixed epochs and no validation split (the last epoch counts), so the clean test set
     never chooses a checkpoint; the same seed, config and test set for every training set.
+    Test images of a label the training set lacks count as wrong (the loop leaves them
+    out of its accuracy), so a cleaning step that removed a class cannot look better.
     """
     import os
 
@@ -222,7 +224,8 @@ def finetune_accuracy(args, train: list[tuple[str, str]], test, seed: int, out: 
         resume=False,
     )
     result = fit(str(out / "manifest.jsonl"), str(out / "run"), cfg)
-    return float(result["test_acc"])
+    scored = result["test_images"]
+    return float(result["test_acc"]) * scored / (scored + result["unknown_label_images"])
 
 
 def trial(args, seed: int, model, cache_uri: str) -> dict:
@@ -318,7 +321,11 @@ def trial(args, seed: int, model, cache_uri: str) -> dict:
     finetuned = {}
     if args.finetune_epochs:
         sets = {
-            "original": [(u, lab) for u, lab in truth["originals"].items() if u in by_uri],
+            "original": [
+                (u, lab)
+                for u, lab in truth["originals"].items()
+                if u in by_uri and by_uri[u].sha256
+            ],
             "dirty": [(r.uri, r.label) for r in rows if r.sha256 and r.status != "rejected"],
             "cleaned": [(r.uri, r.label) for r in rows if r.status == "kept"],
         }

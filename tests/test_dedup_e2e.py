@@ -144,9 +144,18 @@ def test_in_process_engine_writes_exactly_what_the_beam_job_writes(dirty_run, tm
     for name in ("manifest.jsonl", "clusters.jsonl", "candidates.jsonl", "rejected.jsonl"):
         assert (out / name).read_bytes() == (beam_out / name).read_bytes(), name
     ours, theirs = _summary(str(out)), _summary(str(beam_out))
-    assert ours.pop("hash_cache")["decoded"] == theirs.pop("hash_cache")["decoded"]
+    cached = ours.pop("hash_cache"), theirs.pop("hash_cache")
+    assert cached[0]["decoded"] == cached[1]["decoded"]
+    assert cached[0]["pairs"] == cached[1]["pairs"] > 0
     assert ours == theirs
     assert (out / "report.html").read_bytes() == (beam_out / "report.html").read_bytes()
+    # The same cache, pair tests included.
+    from kaedama.dedup.hashcache import HashCache
+
+    (mine,), (beams,) = (list((o / "cache").glob("*.npz")) for o in (out, beam_out))
+    mine, beams = HashCache.load(str(mine)), HashCache.load(str(beams))
+    assert list(mine.items()) == list(beams.items())
+    assert mine._pairs == beams._pairs
 
 
 def test_beam_entry_point_on_gcs_matches_the_local_run(small_digits, gcs_bucket, tmp_path):

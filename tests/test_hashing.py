@@ -337,6 +337,44 @@ def test_hash_cache_keeps_pair_tests_by_direction_and_version():
     assert back.update(more) == 1 and back.pair_count == 3
 
 
+def _resaved(cache: HashCache, **changes) -> bytes:
+    """``cache``'s file with some arrays replaced (None: removed)."""
+    with np.load(io.BytesIO(cache.to_bytes()), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_hash_cache_reads_format_2_and_refuses_a_malformed_pair_table():
+    cache = HashCache()
+    cache.put("a" * 64, "r", 1, 2, 3, b"d")
+    cache.put_pair("a" * 64, "b" * 64, "v", (300, 20, 10, 5, 0.5))
+    pair_keys = ["pair_a", "pair_b", "pair_versions", "pair_version_index"]
+    pair_keys += ["pair_counts", "pair_coverage"]
+    old = _resaved(cache, version=np.array([2]), **dict.fromkeys(pair_keys))
+    back = HashCache.from_bytes(old)
+    assert back.get("a" * 64, "r") == (1, 2, 3, b"d") and back.pair_count == 0
+    for bad in (
+        {"pair_counts": np.array([300, 20, 10, 5])},  # 1-D
+        {"pair_counts": np.zeros((1, 3), np.int64)},  # a column short
+        {"pair_version_index": np.array([-1], np.int32)},
+        {"pair_version_index": np.array([1], np.int32)},  # past the table
+        {"pair_a": np.array([7])},  # not sha256 bytes
+        {"pair_coverage": np.array([0.5, 0.5])},  # another length
+        {"pair_b": None},
+    ):
+        with pytest.raises(HashCacheError, match="delete it"):
+            HashCache.from_bytes(_resaved(cache, **bad))
+    with pytest.raises(HashCacheError, match="delete it"):
+        HashCache.from_bytes(cache.to_bytes()[:200])  # truncated
+
+
 def test_hash_cache_long_hashes_round_trip():
     cache = HashCache()
     long_hash = (1 << 255) | 77

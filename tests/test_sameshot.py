@@ -229,8 +229,8 @@ def test_both_engines_paths_give_the_same_features_and_descriptor(tmp_path, orig
     assert np.array_equal(feats.points, alone.points)
     assert np.array_equal(feats.descriptors, alone.descriptors)
     verified = job.verify_pair((str(path), str(path), 0), DedupConfig())
-    assert verified == job.match_pair(str(path), str(path), feats, feats)
-    assert job.geometry_of([verified, None]) == {(str(path), str(path)): Geometry(*verified[2:])}
+    assert verified == job.match_pair(str(path), str(path), sha, sha, feats, feats)
+    assert job.geometry_of([verified, None]) == {(str(path), str(path)): Geometry(*verified[4:])}
     missing = job.describe_with_features(str(tmp_path / "gone.jpg"), DedupConfig(), HashRecipe())
     assert missing[2:] == (b"", None)
     assert job.verify_pair((str(path), str(tmp_path / "gone.jpg"), 0), DedupConfig()) is None
@@ -284,7 +284,7 @@ def test_pair_tests_are_cached_by_content_for_both_engines(tmp_path, original):
     stored = HashCache.load(str(cache))
     assert stored.pair_count == 1
     ((sha_a, sha_b, version),) = stored._pairs
-    assert version == sameshot.VERSION
+    assert version == sameshot.cache_key() and version.startswith(sameshot.VERSION)
     keypoints = stored.get_pair(sha_a, sha_b, version)[0]
     assert keypoints >= MIN_KEYPOINTS
     # Tamper: the same pair, now with no exact inliers. Both engines must believe it.
@@ -295,3 +295,36 @@ def test_pair_tests_are_cached_by_content_for_both_engines(tmp_path, original):
     # A fresh cache decides again, from the pixels.
     assert dropped(beam_dedup.run_job, "fresh", str(tmp_path / "fresh.npz")) == ["near_duplicate"]
     assert HashCache.load(str(tmp_path / "fresh.npz")).pair_count == 1
+
+
+def test_a_file_replaced_under_its_name_is_tested_again(tmp_path, original):
+    """The cache answers by content: new bytes under an old name are matched afresh (the
+    Beam job's verify_pair, in one process), and a test is cached only under the
+    contents the run fingerprinted."""
+    from kaedama.dedup import job
+    from kaedama.dedup.hashcache import HashCache
+    from kaedama.dedup.hashing import ImageRecord
+
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(jpeg(original))
+    b.write_bytes(planted_copies(original)["resize50"])
+    first = job.verify_pair((str(a), str(b), 0), DedupConfig())
+    sha_a, sha_b = first[2], first[3]
+
+    def records(sha_of_b: str) -> list[ImageRecord]:
+        return [
+            ImageRecord(str(a), "x", sha_a, 1, 1, 1, 0),
+            ImageRecord(str(b), "x", sha_of_b, 1, 1, 1, 0),
+        ]
+
+    cache = job.cache_of(records(sha_b), [], "r", [first])
+    assert cache.get_pair(sha_a, sha_b, sameshot.cache_key()) == first[4:]
+    # b changed between fingerprinting and the test: the test is not kept.
+    assert job.cache_of(records("0" * 64), [], "r", [first]).pair_count == 0
+    cache = HashCache()
+    cache.put_pair(sha_a, sha_b, sameshot.cache_key(), (400, 0, 0, 0, 0.0))
+    assert job.verify_pair((str(a), str(b), 0), DedupConfig(), cache)[4:] == (400, 0, 0, 0, 0.0)
+    b.write_bytes(jpeg(scene(7)))  # another picture under the same name
+    again = job.verify_pair((str(a), str(b), 0), DedupConfig(), cache)
+    assert again[3] != sha_b and again[4:] != (400, 0, 0, 0, 0.0)
+    assert not same_shot(0.0, Geometry(*again[4:]), DedupConfig())[0]

@@ -10,13 +10,15 @@ must not cost the job a second.
 
 It also keeps the same-shot keypoint test of candidate pairs
 (:mod:`kaedama.dedup.sameshot`), keyed by ``(sha256 of the first file, sha256 of the
-second, the test's VERSION)`` in the job's URI order: the test is deterministic, so a
-re-run decodes and matches only pairs it has not seen (format 3).
+second, sameshot.cache_key())`` in the job's URI order (the key names the test's
+settings, the decode and the OpenCV and Pillow versions): the test is deterministic,
+so a re-run decodes and matches only pairs it has not seen (format 3).
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -52,7 +54,7 @@ def _recipe_key(recipe: HashRecipe | str) -> str:
 
 
 class HashCache:
-    """In-memory map ``(sha256, recipe key) -> CachedHash`` with load/save to a URI.
+    """In-memory map ``(sha256, recipe key) -> CachedHash``, and the pair tests, with load/save.
 
     ``hits`` and ``misses`` count :meth:`get` calls, for the run summary.
     """
@@ -174,7 +176,7 @@ class HashCache:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, uri: str = "hash cache") -> HashCache:
-        """Decode what :meth:`to_bytes` wrote (this format or the previous one)."""
+        """Decode what :meth:`to_bytes` wrote (this format or an earlier one: 1, 2)."""
         cache = cls()
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -209,7 +211,16 @@ class HashCache:
                     cache._entries[(sha, recipe)] = CachedHash(w, h, hex_to_hash(hx), desc)
                 if version >= 3:
                     cache._pairs = _read_pairs(z)
-        except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+            UnicodeDecodeError,
+            zipfile.BadZipFile,
+        ) as exc:
             raise HashCacheError(
                 f"{uri}: cannot read the hash cache ({exc}); delete it and it will be rebuilt"
             ) from exc
@@ -228,17 +239,28 @@ class HashCache:
 
 
 def _read_pairs(z: Any) -> dict[tuple[str, str, str], PairGeometry]:
-    """The pair table of a format-3 file (see :meth:`HashCache.to_bytes`)."""
-    versions = z["pair_versions"].tolist()
-    counts = z["pair_counts"].tolist()
+    """The pair table of a format-3 file (see :meth:`HashCache.to_bytes`), checked.
+
+    Raises:
+        ValueError: the table's arrays disagree in shape, type or length.
+    """
+    a, b, index = z["pair_a"], z["pair_b"], z["pair_version_index"]
+    counts, coverage, versions = z["pair_counts"], z["pair_coverage"], z["pair_versions"]
+    n = len(a)
+    if (
+        a.dtype.kind != "S"
+        or b.dtype.kind != "S"
+        or versions.dtype.kind != "U"
+        or counts.ndim != 2
+        or counts.shape[1] != 4
+        or not n == len(b) == len(index) == len(counts) == len(coverage)
+        or (n and (index.min() < 0 or index.max() >= len(versions)))
+    ):
+        raise ValueError("the pair table is malformed")
+    table = versions.tolist()
     return {
-        (a.decode("ascii"), b.decode("ascii"), versions[v]): (*count, cov)
-        for a, b, v, count, cov in zip(
-            z["pair_a"].tolist(),
-            z["pair_b"].tolist(),
-            z["pair_version_index"].tolist(),
-            counts,
-            z["pair_coverage"].tolist(),
-            strict=True,
+        (sha_a.decode("ascii"), sha_b.decode("ascii"), table[v]): (*count, float(cov))
+        for sha_a, sha_b, v, count, cov in zip(
+            a.tolist(), b.tolist(), index.tolist(), counts.tolist(), coverage.tolist(), strict=True
         )
     }

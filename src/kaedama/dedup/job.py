@@ -26,13 +26,13 @@ import logging
 import multiprocessing
 import os
 import posixpath
+import threading
 import time
 import zlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any
 
 from kaedama import storage
@@ -329,34 +329,41 @@ def describe_file(
         return uri, sha, b""
 
 
-# One candidate pair's keypoint test as plain values: (uri_a, uri_b, keypoints, matches,
-# inliers, exact, coverage), uri_a < uri_b (see kaedama.dedup.sameshot.Geometry).
-Verified = tuple[str, str, int, int, int, int, float]
+# One candidate pair's keypoint test as plain values: (uri_a, uri_b, sha256_a, sha256_b,
+# keypoints, matches, inliers, exact, coverage), uri_a < uri_b. The sha256s are of the
+# bytes the test saw, so the hash cache keeps it only under those contents.
+Verified = tuple[str, str, str, str, int, int, int, int, float]
+# Features kept per process, by content: an image is often in several pairs.
+FEATURES_KEPT = 256
+_FEATURES: OrderedDict[str, Features] = OrderedDict()
+_FEATURES_LOCK = threading.Lock()  # a runner may call from several threads
 
 
-@lru_cache(maxsize=256)
-def _features(uri: str, max_bytes: int, max_pixels: int):
-    """ORB features of one file, kept per process: an image is often in several pairs."""
+def _features_of(sha: str, data: bytes, max_pixels: int, uri: str) -> Features:
+    """ORB features of one file's bytes, kept per process by sha256 (a few hundred)."""
     from kaedama.dedup import sameshot  # OpenCV loads only where pairs are verified
 
-    data = storage.read_bytes(uri, max_bytes=max_bytes)
-    return sameshot.features(data, max_pixels=max_pixels, uri=uri)
-
-
-@lru_cache(maxsize=4096)
-def _sha256_of(uri: str, max_bytes: int) -> str:
-    """sha256 of one file, kept per process (the pair cache is keyed by content)."""
-    return hashlib.sha256(storage.read_bytes(uri, max_bytes=max_bytes)).hexdigest()
+    with _FEATURES_LOCK:
+        found = _FEATURES.get(sha)
+        if found is not None:
+            _FEATURES.move_to_end(sha)
+            return found
+    found = sameshot.features(data, max_pixels=max_pixels, uri=uri)
+    with _FEATURES_LOCK:
+        _FEATURES[sha] = found
+        if len(_FEATURES) > FEATURES_KEPT:
+            _FEATURES.popitem(last=False)
+    return found
 
 
 def cached_pair(a: str, b: str, sha_a: str, sha_b: str, cache: HashCache | None) -> Verified | None:
     """The keypoint test of ``a`` then ``b`` from the cache (same bytes, same test), or None."""
-    if cache is None or not sha_a or not sha_b:
+    if cache is None or not cache.pair_count or not sha_a or not sha_b:
         return None
-    from kaedama.dedup.sameshot import VERSION
+    from kaedama.dedup.sameshot import cache_key
 
-    found = cache.get_pair(sha_a, sha_b, VERSION)
-    return None if found is None else (a, b, *found)
+    found = cache.get_pair(sha_a, sha_b, cache_key())
+    return None if found is None else (a, b, sha_a, sha_b, *found)
 
 
 def verify_pair(
@@ -364,38 +371,41 @@ def verify_pair(
 ) -> Verified | None:
     """The same-shot keypoint test of one candidate pair ``(uri_a, uri_b, ...)``.
 
-    The cache answers when an earlier run tested the same two contents; otherwise both
-    files are read and decoded (the descriptor's reduced decode; the features of the
-    last few hundred images stay cached in the process). A file that can no longer be
-    read gives None: decide then treats the pair as unverified (logged).
+    Reads both files once: the cache answers when an earlier run tested the same two
+    contents, else their features (the descriptor's reduced decode; kept per process by
+    content) are matched. A file that can no longer be read gives None: decide then
+    treats the pair as unverified (logged).
     """
     a, b = sorted(pair[:2])
     try:
-        if cache is not None and cache.pair_count:
-            shas = _sha256_of(a, config.max_bytes), _sha256_of(b, config.max_bytes)
-            known = cached_pair(a, b, *shas, cache)
-            if known is not None:
-                return known
-        fa = _features(a, config.max_bytes, config.max_pixels)
-        fb = _features(b, config.max_bytes, config.max_pixels)
+        data_a, data_b = read_limited(a, config), read_limited(b, config)
+        sha_a = hashlib.sha256(data_a).hexdigest()
+        sha_b = hashlib.sha256(data_b).hexdigest()
+        known = cached_pair(a, b, sha_a, sha_b, cache)
+        if known is not None:
+            return known
+        fa = _features_of(sha_a, data_a, config.max_pixels, a)
+        fb = _features_of(sha_b, data_b, config.max_pixels, b)
     except (storage.StorageError, ImageError) as exc:
         log.warning("cannot verify %s ~ %s: %s", a, b, exc)
         return None
-    return match_pair(a, b, fa, fb)
+    return match_pair(a, b, sha_a, sha_b, fa, fb)
 
 
-def match_pair(a: str, b: str, fa: Features | None, fb: Features | None) -> Verified | None:
+def match_pair(
+    a: str, b: str, sha_a: str, sha_b: str, fa: Features | None, fb: Features | None
+) -> Verified | None:
     """:func:`kaedama.dedup.sameshot.match` of two images' features; None if one is missing."""
     from kaedama.dedup import sameshot
 
     if fa is None or fb is None:
         return None
-    return (a, b, *sameshot.match(fa, fb).to_tuple())
+    return (a, b, sha_a, sha_b, *sameshot.match(fa, fb).to_tuple())
 
 
 def geometry_of(verified: Iterable[Verified | None]) -> dict[tuple[str, str], Geometry]:
     """:func:`verify_pair` results as the mapping :func:`kaedama.dedup.decide.decide` takes."""
-    return {(v[0], v[1]): Geometry(*v[2:]) for v in verified if v is not None}
+    return {(v[0], v[1]): Geometry(*v[4:]) for v in verified if v is not None}
 
 
 def describe_with_features(
@@ -648,7 +658,8 @@ def cache_of(
         descriptors: ``(uri, sha256, descriptor)`` of the described images
             (:func:`describe_file`); they join their records by sha256.
         verified: the keypoint tests of candidate pairs (:func:`verify_pair`), kept
-            under the two files' sha256s.
+            under the two files' sha256s where those are the contents this run
+            fingerprinted (a file that changed during the run is not cached).
     """
     by_sha = {sha: desc for _, sha, desc in descriptors if desc}
     cache = HashCache()
@@ -657,24 +668,29 @@ def cache_of(
         desc = by_sha.get(r.sha256) or r.descriptor
         cache.put(r.sha256, recipe_key, r.width, r.height, r.hash, desc)
         sha_of[r.uri] = r.sha256
-    pairs = [v for v in verified if v is not None and v[0] in sha_of and v[1] in sha_of]
+    pairs = [
+        v
+        for v in verified
+        if v is not None and sha_of.get(v[0]) == v[2] and sha_of.get(v[1]) == v[3]
+    ]
     if pairs:
-        from kaedama.dedup.sameshot import VERSION
+        from kaedama.dedup.sameshot import cache_key
 
-        for a, b, *geometry in pairs:
-            cache.put_pair(sha_of[a], sha_of[b], VERSION, tuple(geometry))
+        key = cache_key()
+        for _, _, sha_a, sha_b, *geometry in pairs:
+            cache.put_pair(sha_a, sha_b, key, tuple(geometry))
     return cache
 
 
 def update_cache(new: HashCache, cache_uri: str) -> dict[str, Any]:
-    """Merge this run's fingerprints (see :func:`cache_of`) into the cache file.
+    """Merge this run's fingerprints and pair tests (see :func:`cache_of`) into the cache file.
 
     Returns:
         ``{"uri", "hits", "decoded", "entries_before", "entries", "pairs"}`` for the
         summary (``pairs``: keypoint tests held).
 
-    The file is rewritten only when this run added or completed an entry (or it does
-    not exist): a re-run over unchanged inputs reads it and leaves it alone.
+    The file is rewritten only when this run added or completed an entry or a pair test
+    (or it does not exist): a re-run over unchanged inputs reads it and leaves it alone.
     """
     cache = HashCache.load(cache_uri)
     before = len(cache)
@@ -877,8 +893,10 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
     :func:`fingerprint` per file (in a pool of forked processes), then
     :func:`kaedama.dedup.decide.find_candidate_pairs` (the in-memory exact pair search, which
     finds the same pairs as the Beam job's distributed search), :func:`describe_file`
-    for the candidate images, ``decide``, :func:`thumbnail`, :func:`update_cache`,
-    :func:`write_outputs` and :func:`plan_copies`.
+    for the candidate images (:func:`describe_with_features` when the keypoint test is
+    on: one decode for both, features only for pairs the cache does not answer through
+    :func:`cached_pair`, then :func:`match_pair`), ``decide``, :func:`thumbnail`,
+    :func:`update_cache`, :func:`write_outputs` and :func:`plan_copies`.
 
     Args:
         paths: local input, output, cache and materialize paths.
@@ -932,13 +950,14 @@ def run_in_process(paths: JobPaths, config: DedupConfig, *, workers: int = 0) ->
             )
             descriptors = [(uri, sha, desc) for uri, sha, desc, _ in outs]
             found = {uri: feats for uri, _, _, feats in outs}
+            seen = {uri: sha for uri, sha, _, _ in outs}  # the bytes the features came from
             clock.lap(
                 f"pair search + describe {len(uris)} candidate images ({len(need)} keypoints)"
             )
             verified = [hit for hit in known if hit is not None]
             verified += pool.starmap(
                 match_pair,
-                [(a, b, found.get(a), found.get(b)) for a, b, _ in todo],
+                [(a, b, seen[a], seen[b], found.get(a), found.get(b)) for a, b, _ in todo],
                 chunksize=max(1, len(todo) // 16),
             )
             geometry = geometry_of(verified)

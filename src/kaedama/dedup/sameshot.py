@@ -65,10 +65,41 @@ MIN_MATCHES = 8
 # 20 bits loses crops, 26 merges more look-alikes).
 EXACT_BITS = 22
 VERSION = f"orb{MAX_FEATURES}l{ORB_LEVELS}s{FEATURE_SIDE}r{RATIO}p{REPROJECTION_PX}e{EXACT_BITS}"
+# OpenCV's distributions (any of them provides ``cv2``).
+OPENCV_DISTRIBUTIONS = (
+    "opencv-python-headless",
+    "opencv-python",
+    "opencv-contrib-python-headless",
+    "opencv-contrib-python",
+)
 
 
 class OpenCVMissingError(KaedamaError):
     """The keypoint methods need OpenCV, which is not installed."""
+
+
+@lru_cache(maxsize=1)
+def cache_key() -> str:
+    """What a cached pair test depends on: this test's settings, the decode and the libraries.
+
+    The hash cache keeps each pair's :class:`Geometry` under this key
+    (:meth:`kaedama.dedup.hashcache.HashCache.get_pair`): another setting, decode size,
+    OpenCV or Pillow gives another key, so an upgrade never answers from old results.
+    Read from the installed distributions' metadata: OpenCV is not imported.
+    """
+    from importlib import metadata
+
+    from kaedama.dedup.hashing import DRAFT_SIZE
+
+    opencv = "none"
+    for name in OPENCV_DISTRIBUTIONS:
+        try:
+            opencv = f"{name}=={metadata.version(name)}"
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    pillow = metadata.version("pillow")
+    return f"{VERSION}m{MIN_MATCHES}n{MIN_SIDE}d{DRAFT_SIZE}/{opencv}/pillow=={pillow}"
 
 
 @lru_cache(maxsize=1)
@@ -77,8 +108,9 @@ def _cv2() -> Any:
         import cv2
     except ImportError as exc:
         raise OpenCVMissingError(
-            "the same-shot keypoint test needs OpenCV: pip install 'kaedama[clean]' "
-            "(opencv-python-headless), or choose --same-shot descriptor"
+            f"the same-shot keypoint test needs OpenCV, which cannot be imported ({exc}): "
+            "pip install 'kaedama[clean]' (opencv-python-headless), or choose "
+            "--same-shot descriptor"
         ) from exc
     # Workers are processes (or a runner's threads) already: OpenCV's own thread pool
     # would oversubscribe the cores.
@@ -90,7 +122,9 @@ def require() -> None:
     """Fail early, before any file is read, when OpenCV is missing (:class:`OpenCVMissingError`).
 
     Looks the package up without importing it (~0.2 s): a re-run whose pairs the hash
-    cache answers never needs it, and forked workers import it where they match.
+    cache answers never needs it, and forked workers import it where they match. An
+    installed OpenCV that cannot be imported (a non-headless build without libGL)
+    fails where a pair is first matched, with the import error in the message.
     """
     from importlib.util import find_spec
 
