@@ -139,13 +139,19 @@ def browser(tmp_path: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def open_page(
-    page: Path, tmp_path: Path, *, width: int = 1280, height: int = 900, frames: bool = False
+    page: Path,
+    tmp_path: Path,
+    *,
+    width: int = 1280,
+    height: int = 900,
+    frames: bool = False,
+    downloads: Path | None = None,
 ) -> Iterator[DevTools]:
     """Open ``page`` (a local file) in headless Chromium and wait for its load event.
 
     ``frames=True`` attaches to out-of-process iframes (sandboxed ones are) before they
     run, so their console errors are collected and :meth:`DevTools.frame_sessions`
-    can evaluate inside them.
+    can evaluate inside them. ``downloads``: the folder the page's downloads are saved in.
     """
     with browser(tmp_path) as endpoint:
         with urllib.request.urlopen(f"{endpoint}/json/list", timeout=10) as response:
@@ -162,6 +168,10 @@ def open_page(
                 deviceScaleFactor=1,
                 mobile=False,
             )
+            if downloads is not None:
+                tools.call(
+                    "Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads)
+                )
             if frames:
                 tools.call(
                     "Target.setAutoAttach",

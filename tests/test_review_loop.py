@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,7 @@ from kaedama.dedup import decisions
 from kaedama.dedup.decide import DedupConfig, decide
 from kaedama.dedup.hashing import ImageRecord
 from kaedama.manifest import read_manifest
-from tests.chromium import DevTools as _DevTools
-from tests.chromium import browser as _browser
+from tests.chromium import DevTools, open_page
 from tests.test_sameshot import scene
 
 
@@ -84,7 +81,7 @@ def test_each_action_applied_by_decide():
     }
 
 
-def _evaluate(tools: _DevTools, expression: str):
+def _evaluate(tools: DevTools, expression: str):
     result = tools.call("Runtime.evaluate", expression=expression, returnByValue=True)
     if "exceptionDetails" in result:
         raise AssertionError(result["exceptionDetails"])
@@ -107,38 +104,26 @@ def test_review_page_decisions_download_and_rerun(tmp_path):
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    with _browser(tmp_path) as endpoint:
-        with urllib.request.urlopen(f"{endpoint}/json/list", timeout=10) as response:
-            targets = json.load(response)
-        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
-        tools = _DevTools(ws_url)
-        try:
-            for domain in ("Page", "Runtime", "Log"):
-                tools.call(f"{domain}.enable")
-            tools.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
-            tools.call("Page.navigate", url=(first / "report.html").resolve().as_uri())
-            tools.wait_for("Page.loadEventFired")
-            count = _evaluate(
-                tools,
-                """(() => {
-                    const fig = (name) => document.querySelector(
-                        `figure[data-uri$="/${name}"]`);
-                    fig("b.jpg").querySelector("button[data-action=keep]").click();
-                    fig("a.jpg").querySelector("input.relabel").value = "kittens";
-                    fig("a.jpg").querySelector("button[data-action=label]").click();
-                    document.getElementById("download-decisions").click();
-                    return document.getElementById("decision-count").textContent;
-                })()""",
-            )
-            assert count == "2"
-            saved = downloads / "decisions.json"
-            deadline = time.monotonic() + 30
-            while not saved.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert saved.exists(), list(downloads.iterdir())
-            assert tools.errors() == []
-        finally:
-            tools.ws.close()
+    with open_page(first / "report.html", tmp_path, downloads=downloads) as tools:
+        count = _evaluate(
+            tools,
+            """(() => {
+                const fig = (name) => document.querySelector(
+                    `figure[data-uri$="/${name}"]`);
+                fig("b.jpg").querySelector("button[data-action=keep]").click();
+                fig("a.jpg").querySelector("input.relabel").value = "kittens";
+                fig("a.jpg").querySelector("button[data-action=label]").click();
+                document.getElementById("download-decisions").click();
+                return document.getElementById("decision-count").textContent;
+            })()""",
+        )
+        assert count == "2"
+        saved = downloads / "decisions.json"
+        deadline = time.monotonic() + 30
+        while not saved.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert saved.exists(), list(downloads.iterdir())
+        assert tools.errors() == []
 
     made = decisions.load(str(saved))
     assert sorted(d.action for d in made.values()) == ["keep", "label"]
